@@ -3,3 +3,7 @@
 Only relative imports inside this folder: the top-level name ``kernels`` belongs to Hugging
 Face's Kernel Hub distribution and must never be imported or installed from here.
 """
+
+from .packed_matmul import DECODE_MAX_M, triton_packed_matmul
+
+__all__ = ["DECODE_MAX_M", "triton_packed_matmul"]

@@ -71,3 +71,7 @@ def make_local_tokenizer(path: str | os.PathLike[str] | None = None, texts=CALIB
     if path is not None:
         fast.save_pretrained(path)
     return fast
+
+
+# Appended by the integration tests: OPT (Linear-based, pre-LN, fc1/fc2) for block discovery.
+FAMILIES["opt"] = dict(model_type="opt", ffn_dim=128, word_embed_proj_dim=64)

@@ -2,9 +2,19 @@
 
 ``import watersic_hf`` registers ``quant_method="watersic"`` with transformers, so that
 ``from_pretrained(..., quantization_config=WaterSICConfig(bits=3))`` quantizes a model and a
-plain ``from_pretrained(path)`` loads a saved WaterSIC checkpoint.
+plain ``from_pretrained(path)`` loads a saved WaterSIC checkpoint. Without the import,
+transformers only warns and loads a saved checkpoint with random Linear weights.
 """
 
 from ._version import __version__
+from .config import FORMAT_VERSION, WaterSICConfig
+from .nn import WaterSICLinear
+from .quantizer import WaterSICHfQuantizer
 
-__all__ = ["__version__"]
+__all__ = [
+    "FORMAT_VERSION",
+    "WaterSICConfig",
+    "WaterSICHfQuantizer",
+    "WaterSICLinear",
+    "__version__",
+]

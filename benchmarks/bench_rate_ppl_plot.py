@@ -1,0 +1,299 @@
+"""Rate vs perplexity of a whole model: WaterSIC, GPTQ and RTN (same pipeline, same accounting).
+
+For each method and target rate the model is quantized through ``from_pretrained(...,
+quantization_config=WaterSICConfig(...))``, saved, and measured: the achieved rate (entropy
+accounting), the bits on disk, perplexity and KL(P_float ‖ P_quantized) on the SOTU 2010-2013 text
+(protocol of :mod:`watersic_hf.evaluation`: first 4096 tokens, 512-token windows). Every point is
+appended to a JSON file as soon as it is measured, so an interrupted sweep resumes where it stopped.
+The script then draws ``docs/rate_ppl.png`` and rewrites the ``rate_ppl`` section of
+``docs/benchmarks.md``.
+
+Usage:
+    python benchmarks/bench_rate_ppl_plot.py                 # SmolLM2-135M, 3 methods x 4 rates
+    python benchmarks/bench_rate_ppl_plot.py --quick         # 2 methods x 2 rates, 8 x 256 tokens
+    python benchmarks/bench_rate_ppl_plot.py --plot-only     # redraw from the JSON file
+    python benchmarks/bench_rate_ppl_plot.py --model DIR --eval-text FILE --no-doc   # any model
+
+On the project's 2-core CPU host one SmolLM2 point at 32 x 512 calibration tokens takes about
+25 minutes (see ``watersic-quantize``'s estimate); a GPU run uses 128 x 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from _report import machine_line, update_section
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "rate_ppl.json"
+DEFAULT_PLOT = ROOT / "docs" / "rate_ppl.png"
+METHOD_STYLE = {
+    "watersic": ("WaterSIC", "o-"),
+    "gptq": ("GPTQ (entropy-coded)", "s--"),
+    "rtn": ("RTN (entropy-coded)", "^:"),
+}
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_results(path: pathlib.Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"points": [], "float": None}
+
+
+def _key(point: dict[str, Any]) -> tuple:
+    return (
+        point["model"],
+        point["method"],
+        float(point["bits_target"]),
+        point["nsamples"],
+        point["seqlen"],
+        point["eval_text"],
+    )
+
+
+def measure_point(
+    model_dir: str,
+    tokenizer: Any,
+    reference: Any,
+    eval_text: str | None,
+    method: str,
+    bits: float,
+    nsamples: int,
+    seqlen: int,
+    device: str,
+    eval_kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Quantize ``model_dir`` once and measure rate, bits on disk, perplexity and KL."""
+    from transformers import AutoModelForCausalLM
+
+    from watersic_hf import WaterSICConfig
+    from watersic_hf.evaluation import disk_bits, kl_divergence, perplexity
+
+    config = WaterSICConfig(
+        bits=bits,
+        method=method,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        device=device,
+        tokenizer=tokenizer,
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+    seconds = time.perf_counter() - start
+    qc = model.config.quantization_config
+    with tempfile.TemporaryDirectory(prefix="bench-rate-ppl-") as tmp:
+        model.save_pretrained(tmp)
+        disk = disk_bits(tmp, qc.layers)
+    ppl = perplexity(model, tokenizer, eval_text, **eval_kw)
+    kl = kl_divergence(model, reference, tokenizer, eval_text, **eval_kw)
+    point = {
+        "method": method,
+        "bits_target": bits,
+        "achieved_bits": qc.achieved_bits,
+        "bits_on_disk": disk["bits_per_weight"],
+        "ppl": ppl["ppl"],
+        "kl_bits": kl["kl_bits"],
+        "top1_agreement": kl["top1_agreement"],
+        "quantize_seconds": seconds,
+        "protocol": ppl["protocol"],
+    }
+    del model
+    gc.collect()
+    return point
+
+
+def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) -> None:
+    """Perplexity (log axis) against the achieved rate, one line per method, float as a line."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, (label, style) in METHOD_STYLE.items():
+        pts = sorted(
+            (p["achieved_bits"], p["ppl"]) for p in results["points"] if p["method"] == method
+        )
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label)
+    if results.get("float"):
+        ax.axhline(results["float"]["ppl"], color="gray", lw=1, label="float (fp32)")
+    ax.set_yscale("log")
+    # Plain numbers on the log axis: the perplexity range of one model is narrow.
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set_xlabel("achieved rate (bits per weight, entropy of codes + scales)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    _atomic_write(out, buf.getvalue())
+
+
+def markdown(results: dict[str, Any], plot_path: pathlib.Path) -> str:
+    points = sorted(results["points"], key=lambda p: (p["method"], p["bits_target"]))
+    lines = [
+        "## Rate vs perplexity (`benchmarks/bench_rate_ppl_plot.py`)",
+        "",
+        results.get("machine", ""),
+        "",
+        f"Model: {results.get('model_name', '?')}; calibration "
+        f"{results.get('nsamples')} x {results.get('seqlen')} tokens. Perplexity protocol: "
+        f"{points[0]['protocol'] if points else ''}. KL is KL(P_float ‖ P_quantized) per token.",
+        "",
+        "| method | target bits | achieved bits | bits on disk | ppl | KL (bits/token) "
+        "| top-1 agree | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if results.get("float"):
+        lines.append(
+            f"| float (fp32) | 32 | – | – | {results['float']['ppl']:.3f} | 0 | 100% | – |"
+        )
+    for p in points:
+        lines.append(
+            f"| {p['method']} | {p['bits_target']:g} | {p['achieved_bits']:.4f} | "
+            f"{p['bits_on_disk']:.3f} | {p['ppl']:.3f} | {p['kl_bits']:.4f} | "
+            f"{100 * p['top1_agreement']:.1f}% | {p['quantize_seconds']:.0f} |"
+        )
+    try:
+        rel = plot_path.relative_to(ROOT / "docs")
+    except ValueError:
+        rel = plot_path
+    lines += ["", f"![rate vs perplexity]({rel.as_posix()})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--eval-text", help="evaluation text file (default: SOTU 2010-2013)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument(
+        "--eval-max-tokens", type=int, default=4096, help="tokens evaluated (default 4096)"
+    )
+    p.add_argument("--methods", default="watersic,gptq,rtn")
+    p.add_argument("--bits", default="2,2.5,3,4")
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS)
+    p.add_argument("--plot", type=pathlib.Path, default=DEFAULT_PLOT)
+    p.add_argument(
+        "--quick", action="store_true", help="watersic+rtn at 3 and 4 bits, 8 x 256 tokens"
+    )
+    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import watersic_hf  # noqa: F401  (registers the quantizer)
+    from watersic_hf import assets
+    from watersic_hf.evaluation import perplexity
+
+    model_dir = args.model or str(assets.smollm2_dir())
+    model_name = "SmolLM2-135M-Instruct (fp32, dequantized Q4_1)" if not args.model else model_dir
+    eval_text = pathlib.Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
+    text_name = pathlib.Path(args.eval_text).name if args.eval_text else "sotu-2010-2013"
+    cuda = args.device.startswith("cuda")
+    nsamples = args.nsamples or (8 if args.quick else 128 if cuda else 32)
+    seqlen = args.seqlen or (256 if args.quick else 2048 if cuda else 512)
+    methods = ["watersic", "rtn"] if args.quick else args.methods.split(",")
+    bits_list = [3.0, 4.0] if args.quick else [float(b) for b in args.bits.split(",")]
+    for m in methods:
+        if m not in METHOD_STYLE:
+            p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHOD_STYLE)}")
+
+    eval_kw = {"seqlen": args.eval_seqlen, "max_tokens": args.eval_max_tokens}
+    results = _load_results(args.results)
+    if not args.plot_only:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if results.get("float") is None or results["float"].get("model") != model_dir:
+            results["float"] = {
+                "model": model_dir,
+                "ppl": perplexity(reference, tokenizer, eval_text, **eval_kw)["ppl"],
+            }
+        results.update(
+            model_name=model_name, nsamples=nsamples, seqlen=seqlen, machine=machine_line()
+        )
+        done = {_key(pt) for pt in results["points"]}
+        for method in methods:
+            for bits in bits_list:
+                base = {
+                    "model": model_dir,
+                    "method": method,
+                    "bits_target": bits,
+                    "nsamples": nsamples,
+                    "seqlen": seqlen,
+                    "eval_text": text_name,
+                }
+                if _key(base) in done:
+                    continue
+                point = {
+                    **base,
+                    **measure_point(
+                        model_dir,
+                        tokenizer,
+                        reference,
+                        eval_text,
+                        method,
+                        bits,
+                        nsamples,
+                        seqlen,
+                        args.device,
+                        eval_kw,
+                    ),
+                }
+                print(
+                    f"{method:9s} target {bits:g}: rate {point['achieved_bits']:.4f}, "
+                    f"disk {point['bits_on_disk']:.3f}, ppl {point['ppl']:.3f}, "
+                    f"KL {point['kl_bits']:.4f} bits, {point['quantize_seconds']:.0f} s",
+                    flush=True,
+                )
+                results["points"].append(point)
+                _atomic_write(args.results, json.dumps(results, indent=1).encode())
+    if not results["points"]:
+        print("no points measured yet", file=sys.stderr)
+        return 1
+    title = f"{model_name.split(' (')[0]}: rate vs perplexity"
+    ylabel = f"perplexity ({text_name}, {args.eval_max_tokens} tokens)"
+    plot(results, args.plot, title, ylabel)
+    if not args.no_doc:
+        update_section("rate_ppl", markdown(results, args.plot))
+    print(f"plot written to {args.plot}")
+    return 0 if all(math.isfinite(pt["ppl"]) for pt in results["points"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""`WaterSICConfig`: the quantization config that transformers stores in ``config.json``.
+
+The same object drives both directions:
+
+* **quantize on load** — ``from_pretrained(path, quantization_config=WaterSICConfig(bits=3))``
+calibrates
+  the float model (see :mod:`watersic_hf.integration.calibrate`) and fills in ``layers``,
+  ``achieved_bits`` and the other result fields;
+* **load a saved checkpoint** — transformers rebuilds the config from ``config.json`` with
+  ``WaterSICConfig.from_dict(d)``; ``layers`` then tells the quantizer which modules to replace and
+  which tensor shapes to expect.
+
+``to_dict()`` is plain JSON: the calibration ``dataset`` and ``tokenizer`` are runtime-only and are
+kept only when they are strings (a dataset name or path, a tokenizer path).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ._version import __version__
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the checkpoint layout described by ``layers``; bumped on incompatible changes."""
+
+QUANT_METHOD = "watersic"
+METHODS = ("watersic", "gptq", "rtn")
+STORAGES = ("entropy", "packed")
+MIN_BITS, MAX_BITS = 0.25, 16.0
+DEFAULT_DAMP = {"watersic": 1e-4, "gptq": 0.01, "rtn": 0.0}
+
+# Fields that hold live Python objects during calibration and never reach config.json as such.
+_RUNTIME_FIELDS = ("dataset", "tokenizer")
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WaterSICConfig"]
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"WaterSICConfig.{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"WaterSICConfig.{name} must be an int, got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise ValueError(f"WaterSICConfig.{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(
+    name: str, value: Any, low: float, high: float, *, open_low: bool = False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"WaterSICConfig.{name} must be a number, got {value!r} ({type(value).__name__})"
+        )
+    value = float(value)
+    bad_low = value <= low if open_low else value < low
+    if not math.isfinite(value) or bad_low or value > high:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"WaterSICConfig.{name} must lie in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+class WaterSICConfig(QuantizationConfigMixin):
+    """Configuration of WaterSIC quantization (``quant_method="watersic"``).
+
+    ``WaterSICConfig(bits=3)`` alone is enough: calibration then uses the shipped corpus
+    (:func:`watersic_hf.assets.default_calibration_texts`) and the model's own tokenizer.
+
+    Args:
+        bits (`float`, *optional*, defaults to 3.0):
+            Target rate in bits per quantized weight, averaged over all quantized layers, with the
+            paper's accounting (pooled entropy of the integer codes plus 16 bits per row and per
+            column scale and per dead column). Fractional values are fine. Must lie in [0.25, 16].
+        dataset (`str`, `list[str]`, `list[list[int]]` or `list[torch.Tensor]`, *optional*):
+            Calibration data: a list of texts, a list of token-id sequences (each used as one
+            sample, truncated to ``seqlen``), a path to a ``.txt`` file or to a folder of ``.txt``
+            files, or the name ``"wikitext2"`` / ``"c4"`` (needs ``pip install
+            'watersic-hf[datasets]'`` and the network). ``None`` uses the shipped State-of-the-Union
+            corpus (1934-1999). Never written to ``config.json`` unless it is a string.
+        tokenizer (`PreTrainedTokenizerBase` or `str`, *optional*):
+            Tokenizer object or path for text datasets. ``None`` loads the tokenizer from the
+            model's own folder (``model.config._name_or_path``).
+        nsamples (`int`, *optional*, defaults to 128):
+            Number of calibration windows.
+        seqlen (`int`, *optional*, defaults to 2048):
+            Tokens per calibration window; texts are concatenated and cut into windows this long.
+        modules_to_not_convert (`list[str]`, *optional*):
+            Extra module names (prefix, suffix or regex, as transformers matches them) to keep in
+            float. Tied embeddings and ``lm_head`` are always kept.
+        method (`str`, *optional*, defaults to `"watersic"`):
+            ``"watersic"``, or one of the baselines ``"gptq"`` / ``"rtn"`` run through the same
+            pipeline and the same rate accounting (pooled entropy) so that rates are comparable.
+        damp (`float`, *optional*):
+            Relative damping of the second-moment matrix (fraction of its mean diagonal). ``None``
+            picks the method's default: 1e-4 for WaterSIC, 0.01 for GPTQ (the textbook value; unused
+            by RTN).
+        lmmse (`bool`, *optional*, defaults to `True`):
+            Per-column LMMSE gains inside the successive-rounding loop (WaterSIC only).
+        rescale (`bool`, *optional*, defaults to `True`):
+            Fit the diagonal row/column rescalers after rounding (WaterSIC only).
+        drift (`bool`, *optional*, defaults to `True`):
+            Qronos-style drift correction: target the float model's output ``W x`` while the layer
+            receives the partially quantized model's input ``x̂`` (statistics Σ_X, Σ_X̂, Σ_XX̂).
+            Needs a float copy of one block at a time and one extra forward of it. When off, only
+            the quantized path's Σ_X̂ is used.
+        residual_compensation (`bool`, *optional*, defaults to `True`):
+            For the two layers that write into the residual stream (``o_proj``/``down_proj`` style),
+            also correct the residual error ``r − r̂`` already present (statistic Σ_ΔR). Used only
+            when the block is a plain pre-norm residual block (checked numerically; off for e.g.
+            Gemma2's post-norms).
+        attention_weighted (`bool`, *optional*, defaults to `True`):
+            Weight each token's contribution to the statistics of the attention-input layers (q/k/v)
+            by the attention it receives in the float model, mixed as ``(1 − attn_eps)·Σ^w +
+            attn_eps·Σ``. Costs an explicit attention-probability computation (memory ``batch ·
+            heads · seqlen²``) in the float pass.
+        attn_eps (`float`, *optional*, defaults to 0.01):
+            Mixing weight of the unweighted statistics in the attention-weighted ones, in [0, 1].
+        adaptive_eps (`bool`, *optional*, defaults to `False`):
+            Choose the drift blend ε_q and the attention-weight blend ε_a per block by
+            golden-section search on the relative error of the attention output. Each evaluation
+            quantizes q, k and v completely and re-runs the attention of the block: about
+            ``2·adaptive_eps_steps + 9`` evaluations per block (29 with the default), i.e. roughly
+            30× the q/k/v quantization time plus 29 attention forwards over the calibration set.
+            Off by default.
+        adaptive_eps_steps (`int`, *optional*, defaults to 10):
+            Golden-section steps for each of ε_q and ε_a when ``adaptive_eps`` is on.
+        rate_control (`bool`, *optional*, defaults to `True`):
+            Global rate control: each layer gets the bits left in the model budget divided by the
+            weights left, so the whole model hits ``bits`` and savings (dead columns, rounding) flow
+            to later layers. When off, every layer targets ``bits`` on its own.
+        dead_threshold (`float`, *optional*, defaults to 1e-3):
+            An input feature whose second moment is below this fraction of the median is "dead": its
+            weight column is dropped (stored as zeros). In [0, 0.5].
+        device (`str`, *optional*):
+            Compute device for calibration. ``None`` picks ``"cuda"`` when available, else
+            ``"cpu"``. The float model stays where it was loaded (CPU by default); one block at a
+            time moves here.
+        seed (`int`, *optional*, defaults to 0):
+            Seed for the choice of calibration windows and for the algorithm's row subsampling.
+        batch_size (`int`, *optional*, defaults to 1):
+            Calibration windows per block forward. Speed/memory only; results do not depend on it
+            beyond floating-point rounding.
+        storage (`str`, *optional*, defaults to `"entropy"`):
+            On-disk format of the codes: ``"entropy"`` (entropy-coded stream) or ``"packed"`` (the
+            fixed-width in-memory packing).
+        backend (`str`, *optional*):
+            Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"`` or ``"triton"``);
+            ``None`` lets the module choose per device.
+
+    Result fields (filled in by calibration, stored in ``config.json``; do not set them by hand):
+        layers (`dict[str, dict]`): per replaced module ``{"in", "out", "bias", "layout", "bits",
+            ...}``; what the loader needs to rebuild the skeleton, plus per-layer statistics.
+        achieved_bits (`float`): the rate actually reached, over all quantized weights.
+        calibration_tokens (`int`): number of calibration tokens used.
+        format_version (`int`): checkpoint layout version (:data:`FORMAT_VERSION`).
+        watersic_version (`str`): version of watersic_hf that wrote the checkpoint.
+    """
+
+    def __init__(
+        self,
+        bits: float = 3.0,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        modules_to_not_convert: list[str] | None = None,
+        method: str = "watersic",
+        damp: float | None = None,
+        lmmse: bool = True,
+        rescale: bool = True,
+        drift: bool = True,
+        residual_compensation: bool = True,
+        attention_weighted: bool = True,
+        attn_eps: float = 0.01,
+        adaptive_eps: bool = False,
+        adaptive_eps_steps: int = 10,
+        rate_control: bool = True,
+        dead_threshold: float = 1e-3,
+        device: str | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        storage: str = "entropy",
+        backend: str | None = None,
+        layers: dict[str, dict[str, Any]] | None = None,
+        achieved_bits: float | None = None,
+        calibration_tokens: int | None = None,
+        format_version: int = FORMAT_VERSION,
+        watersic_version: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        method_key = kwargs.pop("quant_method", QUANT_METHOD)
+        if str(method_key) != QUANT_METHOD:
+            raise ValueError(
+                f"WaterSICConfig got quant_method={method_key!r}; it only describes 'watersic'"
+            )
+        self.bits = bits
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.modules_to_not_convert = modules_to_not_convert
+        self.method = method
+        self.damp = damp
+        self.lmmse = lmmse
+        self.rescale = rescale
+        self.drift = drift
+        self.residual_compensation = residual_compensation
+        self.attention_weighted = attention_weighted
+        self.attn_eps = attn_eps
+        self.adaptive_eps = adaptive_eps
+        self.adaptive_eps_steps = adaptive_eps_steps
+        self.rate_control = rate_control
+        self.dead_threshold = dead_threshold
+        self.device = device
+        self.seed = seed
+        self.batch_size = batch_size
+        self.storage = storage
+        self.backend = backend
+        self.layers = dict(layers) if layers else {}
+        self.achieved_bits = achieved_bits
+        self.calibration_tokens = calibration_tokens
+        self.format_version = format_version
+        self.watersic_version = watersic_version
+        # Keys written by a newer watersic_hf: keep them (so a re-save does not drop them) but say
+        # so.
+        self._unknown = dict(kwargs)
+        if kwargs:
+            logger.warning(
+                "WaterSICConfig: ignoring unknown keys %s (written by a newer watersic_hf?); "
+                "upgrade with `pip install -U watersic-hf` if loading misbehaves",
+                sorted(kwargs),
+            )
+        self.post_init()
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Check every field; raise `TypeError` / `ValueError` naming the bad value and the fix."""
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            raise TypeError(
+                f"WaterSICConfig.format_version must be an int, got {self.format_version!r}"
+            )
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses WaterSIC format_version {self.format_version}, but the "
+                "installed "
+                f"watersic_hf {__version__} reads format_version <= {FORMAT_VERSION}; upgrade it "
+                "with "
+                "`pip install -U watersic-hf`"
+            )
+        self.bits = _check_float("bits", self.bits, MIN_BITS, MAX_BITS)
+        if self.method not in METHODS:
+            raise ValueError(f"WaterSICConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.storage not in STORAGES:
+            raise ValueError(
+                f"WaterSICConfig.storage must be one of {STORAGES}, got {self.storage!r}"
+            )
+        self.nsamples = _check_int("nsamples", self.nsamples, 1)
+        self.seqlen = _check_int("seqlen", self.seqlen, 2)
+        self.batch_size = _check_int("batch_size", self.batch_size, 1)
+        self.seed = _check_int("seed", self.seed, 0)
+        self.adaptive_eps_steps = _check_int("adaptive_eps_steps", self.adaptive_eps_steps, 0)
+        for name in (
+            "lmmse",
+            "rescale",
+            "drift",
+            "residual_compensation",
+            "attention_weighted",
+            "adaptive_eps",
+            "rate_control",
+        ):
+            _check_bool(name, getattr(self, name))
+        self.attn_eps = _check_float("attn_eps", self.attn_eps, 0.0, 1.0)
+        self.dead_threshold = _check_float("dead_threshold", self.dead_threshold, 0.0, 0.5)
+        if self.damp is not None:
+            self.damp = _check_float("damp", self.damp, 0.0, 10.0)
+        if self.modules_to_not_convert is not None:
+            if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in self.modules_to_not_convert
+            ):
+                raise TypeError(
+                    "WaterSICConfig.modules_to_not_convert must be a list of module names, got "
+                    f"{self.modules_to_not_convert!r}"
+                )
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if self.device is not None and not isinstance(self.device, str):
+            # torch.device objects are accepted but stored as strings so that to_dict() stays JSON.
+            self.device = str(self.device)
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise TypeError(
+                f"WaterSICConfig.backend must be a string or None, got {self.backend!r}"
+            )
+        if (
+            self.tokenizer is not None
+            and not isinstance(self.tokenizer, str)
+            and not callable(self.tokenizer)
+        ):
+            raise TypeError(
+                "WaterSICConfig.tokenizer must be a tokenizer object or a path, got "
+                f"{type(self.tokenizer).__name__}"
+            )
+        if not isinstance(self.layers, dict):
+            raise TypeError(
+                f"WaterSICConfig.layers must be a dict, got {type(self.layers).__name__}"
+            )
+
+    @property
+    def effective_damp(self) -> float:
+        """The damping actually used: ``damp`` or the method's default."""
+        return DEFAULT_DAMP[self.method] if self.damp is None else self.damp
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the config (what goes into ``config.json["quantization_config"]``).
+
+        The dataset and tokenizer are written only when they are strings; layer metadata is copied.
+        """
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if key.startswith("_"):
+                continue
+            if key in _RUNTIME_FIELDS:
+                value = value if isinstance(value, str) else None
+            out[key] = copy.deepcopy(value)
+        for key, value in self._unknown.items():
+            out.setdefault(key, copy.deepcopy(value))
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Same as :meth:`to_dict` (every field matters for loading)."""
+        return self.to_dict()
+
+    def __iter__(self):
+        # The mixin's __iter__ deep-copies __dict__, tokenizer and dataset included.
+        yield from self.to_dict().items()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WaterSICConfig:
+        # from_pretrained deep-copies the config twice; calibration data and tokenizer are read-only
+        # runtime objects, so the copies share them instead of duplicating a large dataset.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, value if key in _RUNTIME_FIELDS else copy.deepcopy(value, memo))
+        return new
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Attributes a user may override when loading a saved checkpoint (transformers >= 5.10)."""
+        return {"backend": self.backend} if self.backend is not None else {}

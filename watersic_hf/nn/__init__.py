@@ -1,0 +1,5 @@
+"""The replacement module for quantized linear layers."""
+
+from .linear import WaterSICLinear
+
+__all__ = ["WaterSICLinear"]

@@ -1,0 +1,210 @@
+"""Dispatch between the Triton kernels and their plain-torch twins.
+
+Every kernel in ``watersic_hf.kernels`` (``triton_<op>``) has a ``torch_<op>`` twin here with
+the same signature: the twin is the CPU path and the test oracle. ``resolve_backend`` turns the
+user's choice (``"auto"``, ``"torch"``, ``"triton"``, overridable with the environment variable
+``WATERSIC_BACKEND``) into the backend that actually runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import torch
+
+from . import packing
+from ._triton import HAS_TRITON, interpreter_enabled
+
+__all__ = [
+    "Backend",
+    "packed_linear",
+    "resolve_backend",
+    "torch_packed_matmul",
+    "torch_plain_matmul",
+]
+
+
+class Backend(str, enum.Enum):
+    """Which implementation runs a WaterSIC matmul.
+
+    * ``AUTO``: Triton on CUDA tensors when Triton is installed, torch otherwise.
+    * ``TORCH``: the plain-torch reference (unpack, then ``torch.matmul`` in fp32); what CPU CI
+      runs.
+    * ``TRITON``: the fused Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1``
+      (Triton's interpreter; slow, meant for tests).
+    """
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+def _parse_backend(value: str | Backend, source: str) -> Backend:
+    try:
+        return Backend(str(value.value if isinstance(value, Backend) else value).lower())
+    except ValueError:
+        raise ValueError(
+            f"{source}={value!r} is not a backend; use one of 'auto', 'torch', 'triton'."
+        ) from None
+
+
+def resolve_backend(requested: str | Backend, device: torch.device) -> Backend:
+    """Pick the backend that runs on ``device``.
+
+    Args:
+        requested (`str` or `Backend`): the module's setting. The environment variable
+            ``WATERSIC_BACKEND`` (``auto`` / ``torch`` / ``triton``) overrides it, and
+            ``WATERSIC_FORCE_TORCH=1`` forces ``torch`` everywhere.
+        device (`torch.device`): where the activations live.
+
+    Returns:
+        `Backend`: ``Backend.TORCH`` or ``Backend.TRITON``.
+
+    Raises:
+        ImportError: ``triton`` was asked for but Triton is not installed.
+        RuntimeError: ``triton`` was asked for on CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    if os.environ.get("WATERSIC_FORCE_TORCH", "0") == "1":
+        return Backend.TORCH
+    env = os.environ.get("WATERSIC_BACKEND")
+    if env:
+        choice = _parse_backend(env, "WATERSIC_BACKEND")
+    else:
+        choice = _parse_backend(requested, "backend")
+    if choice is Backend.AUTO:
+        return Backend.TRITON if (device.type == "cuda" and HAS_TRITON) else Backend.TORCH
+    if choice is Backend.TRITON:
+        if not HAS_TRITON:
+            raise ImportError(
+                "backend='triton' needs Triton: `pip install watersic-hf[triton]`, "
+                "or use backend='torch'."
+            )
+        if device.type != "cuda" and not interpreter_enabled():
+            raise RuntimeError(
+                f"backend='triton' on {device.type} tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing watersic_hf, or use backend='torch'."
+            )
+    return choice
+
+
+def torch_plain_matmul(
+    x: torch.Tensor,  # (..., K) float
+    codes: torch.Tensor,  # (N, K) int32
+    col_scale: torch.Tensor,  # (K,) fp16
+    row_scale: torch.Tensor,  # (N,) fp16
+    bias: torch.Tensor | None,  # (N,) any float
+) -> torch.Tensor:
+    """``y = row_scale · ((x · col_scale) @ codesᵀ) + bias`` from unpacked int32 codes.
+
+    All arithmetic is fp32 (codes up to 2²⁴ are exact there; fp16 would not hold codes above
+    2048 exactly); the result is cast back to ``x.dtype``.
+
+    Returns:
+        `torch.Tensor` of shape `(..., N)` and dtype ``x.dtype``.
+    """
+    xs = x.float() * col_scale.float()
+    y = torch.matmul(xs, codes.float().t()) * row_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def torch_packed_matmul(
+    x: torch.Tensor,  # (M, K) float
+    packed: torch.Tensor,  # (W, N) int32
+    group_meta: torch.Tensor,  # (NG, 8) int32
+    perm: torch.Tensor,  # (K,) int32
+    escape_packed: torch.Tensor,  # (WE,) int32
+    escape_base: torch.Tensor,  # (NGE, NC) int32
+    col_scale: torch.Tensor,  # (K,) fp16
+    row_scale: torch.Tensor,  # (N,) fp16
+    bias: torch.Tensor | None,  # (N,) any float
+) -> torch.Tensor:
+    """Reference twin of ``watersic_hf.kernels.triton_packed_matmul``: decode, then matmul.
+
+    Decodes the packed codes with `packing.unpack_codes` and applies `torch_plain_matmul`
+    (fp32 arithmetic).
+
+    Returns:
+        `torch.Tensor` of shape `(M, N)` and dtype ``x.dtype``.
+    """
+    tensors = {
+        "weight_packed": packed,
+        "weight_group_meta": group_meta,
+        "weight_perm": perm,
+        "weight_escape_packed": escape_packed,
+        "weight_escape_base": escape_base,
+    }
+    codes = packing.unpack_codes(tensors, perm.shape[0], packed.shape[1])
+    return torch_plain_matmul(x, codes, col_scale, row_scale, bias)
+
+
+@torch.library.custom_op("watersic::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_meta: torch.Tensor,
+    perm: torch.Tensor,
+    escape_packed: torch.Tensor,
+    escape_base: torch.Tensor,
+    col_scale: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    args = (x, packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale, bias)
+    if backend == Backend.TRITON.value:
+        from .kernels import triton_packed_matmul
+
+        return triton_packed_matmul(*args)
+    return torch_packed_matmul(*args)
+
+
+@_packed_linear_op.register_fake
+def _(x, packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale, bias, backend):
+    return x.new_empty(x.shape[0], packed.shape[1])
+
+
+def packed_linear(
+    x: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    col_scale: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str | Backend = Backend.AUTO,
+) -> torch.Tensor:
+    """``y = row_scale · ((x · col_scale) @ codesᵀ) + bias`` from the packed format.
+
+    Runs the custom op ``torch.ops.watersic.packed_linear`` (traceable by
+    ``torch.compile(fullgraph=True)`` through its fake implementation), which calls the Triton
+    kernels or the torch twin according to `resolve_backend`.
+
+    Args:
+        x (`torch.Tensor` of shape `(..., K)`): activations, any float dtype.
+        tensors (`dict[str, torch.Tensor]`): the code tensors of `packing.CODE_TENSOR_NAMES`.
+        col_scale (`torch.Tensor` of shape `(K,)`, float16): per-column scale.
+        row_scale (`torch.Tensor` of shape `(N,)`, float16): per-row scale.
+        bias (`torch.Tensor` of shape `(N,)`, *optional*): bias.
+        backend (`str` or `Backend`, *optional*, defaults to ``"auto"``).
+
+    Returns:
+        `torch.Tensor` of shape `(..., N)` and dtype ``x.dtype``.
+    """
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x has dtype {x.dtype}; WaterSICLinear needs floating-point activations.")
+    chosen = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    y = _packed_linear_op(
+        x.reshape(-1, x.shape[-1]),
+        tensors["weight_packed"],
+        tensors["weight_group_meta"],
+        tensors["weight_perm"],
+        tensors["weight_escape_packed"],
+        tensors["weight_escape_base"],
+        col_scale,
+        row_scale,
+        bias,
+        chosen.value,
+    )
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,209 @@
+"""`WaterSICHfQuantizer`: the transformers 5.x hooks for ``quant_method="watersic"``.
+
+Two modes, chosen by transformers:
+
+* **quantize on load** (``pre_quantized=False``): the float model is loaded normally (on the CPU
+unless
+  a ``device_map`` says otherwise), then :func:`~watersic_hf.integration.calibrate.calibrate_model`
+  runs in ``_process_model_after_weight_loading`` and replaces the Linears of every decoder block;
+* **load a saved checkpoint** (``pre_quantized=True``): before the weights are read, the Linears
+listed
+  in ``quantization_config.layers`` are swapped for empty ``WaterSICLinear`` modules on the meta
+  device; the v5 loader then fills their tensors by name, with no conversion step.
+
+Only the stable hooks are overridden (see docs/guide.md and the design notes): no on-the-fly
+``get_quantize_ops`` and no weight converters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ._version import __version__
+from .config import FORMAT_VERSION, QUANT_METHOD, WaterSICConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WaterSICHfQuantizer", "register"]
+
+
+def _device_map_values(device_map: Any) -> list[str]:
+    if isinstance(device_map, dict):
+        return [str(v) for v in device_map.values()]
+    return [] if device_map is None else [str(device_map)]
+
+
+class WaterSICHfQuantizer(HfQuantizer):
+    """Quantizer that calibrates with WaterSIC on load and loads saved WaterSIC checkpoints.
+
+    Args:
+        quantization_config (`WaterSICConfig`): the config (the checkpoint's when loading one).
+        pre_quantized (`bool`, passed by transformers): True when loading a saved checkpoint.
+    """
+
+    # False: quantize-on-load is allowed (True would make transformers refuse a float checkpoint).
+    requires_calibration = False
+
+    def __init__(self, quantization_config: WaterSICConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    # ------------------------------------------------------------------ environment checks
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Reject setups calibration cannot handle, before anything is loaded.
+
+        Raises:
+            ValueError: disk offload while quantizing (the weights would be meta tensors).
+            ImportError: a required package is missing.
+        """
+        for package in ("tqdm", "safetensors"):
+            if importlib.util.find_spec(package) is None:
+                raise ImportError(f"watersic_hf needs `{package}`: pip install {package}")
+        device_map = kwargs.get("device_map")
+        if not self.pre_quantized and any(v == "disk" for v in _device_map_values(device_map)):
+            raise ValueError(
+                "WaterSIC calibration cannot run with disk offload (device_map contains 'disk'): "
+                "the offloaded "
+                "weights are not in memory while the model is calibrated. Quantize with "
+                "device_map=None (the "
+                "float model stays on the CPU and one block at a time goes to the accelerator), "
+                "then load the "
+                "saved checkpoint with any device_map"
+            )
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        """Keep the requested dtype (float32 when none is given)."""
+        if dtype is None:
+            return torch.float32
+        if dtype == torch.float16 and not self.pre_quantized:
+            logger.warning(
+                "calibrating in float16 can overflow in some models; bfloat16 or float32 is safer"
+            )
+        return dtype
+
+    def update_device_map(
+        self, device_map: dict[str, Any] | str | None
+    ) -> dict[str, Any] | str | None:
+        """Quantize mode: load the float model on the CPU by default (one block at a time goes to
+        the accelerator during calibration)."""
+        if device_map is None and not self.pre_quantized:
+            return {"": "cpu"}
+        return device_map
+
+    # ------------------------------------------------------------------ model surgery
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        cfg = self.quantization_config
+        self.modules_to_not_convert = sorted(
+            self.get_modules_to_not_convert(
+                model,
+                cfg.modules_to_not_convert,
+                getattr(model, "_keep_in_fp32_modules", None),
+                add_default_skips=True,
+            )
+        )
+        if self.pre_quantized:
+            from .integration.replace import build_skeleton
+
+            if not cfg.layers:
+                raise ValueError(
+                    "this checkpoint's quantization_config (quant_method='watersic') lists no "
+                    "quantized layers; "
+                    "the config.json is incomplete or was not written by watersic_hf"
+                )
+            count = build_skeleton(model, cfg.layers, backend=cfg.backend)
+            logger.info(
+                "WaterSIC: %d Linear modules replaced by WaterSICLinear before loading", count
+            )
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from .nn import WaterSICLinear
+
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            # The v5 loader wraps loaded float tensors as Parameters with requires_grad=True.
+            for module in model.modules():
+                if isinstance(module, WaterSICLinear):
+                    module.requires_grad_(False)
+                    if cfg.backend is not None:
+                        module.backend = cfg.backend
+            return _with_model_card(model)
+
+        from .integration.calibrate import calibrate_model
+
+        result = calibrate_model(model, cfg, modules_to_not_convert=self.modules_to_not_convert)
+        layers: dict[str, dict[str, Any]] = {}
+        reports = {r.name: r for r in result.reports}
+        for name, module in result.modules.items():
+            r = reports[name]
+            layers[name] = {
+                "in": module.in_features,
+                "out": module.out_features,
+                "bias": module.bias is not None,
+                "layout": module.layout_metadata(),
+                "bits": round(r.bits, 6),
+                "target_bits": round(r.target_bits, 6),
+                "dead_columns": r.dead_columns,
+                "rel_err": float(f"{r.rel_err:.6g}"),
+            }
+        cfg.layers = layers
+        cfg.achieved_bits = round(result.achieved_bits, 6)
+        cfg.modules_to_not_convert = list(self.modules_to_not_convert)
+        cfg.format_version = FORMAT_VERSION
+        cfg.watersic_version = __version__
+        cfg.calibration_tokens = result.tokens
+        # transformers 5.x assigns the config in postprocess_model already; 4.x did not, and doing
+        # it
+        # here as well makes sure the per-layer metadata reaches config.json.
+        model.config.quantization_config = cfg
+        return _with_model_card(model)
+
+    # ------------------------------------------------------------------ capabilities
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model: Any, dtype: torch.dtype | str | None = None) -> Any:
+        from .integration.replace import dequantize_model
+
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+        return dequantize_model(model, dtype)
+
+
+def _with_model_card(model: Any) -> Any:
+    """Make ``save_pretrained`` / ``push_to_hub`` of this model write the WaterSIC model card (whose
+    usage snippet starts with ``import watersic_hf``)."""
+    from .model_card import install_save_hooks
+
+    return install_save_hooks(model)
+
+
+def register() -> None:
+    """Register ``quant_method="watersic"`` with transformers (safe to call more than once)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(WaterSICConfig)
+    elif AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is not WaterSICConfig:
+        logger.warning(
+            "quant_method 'watersic' is already registered by %s; keeping it",
+            AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD],
+        )
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(WaterSICHfQuantizer)
+    elif AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is not WaterSICHfQuantizer:
+        logger.warning(
+            "the 'watersic' quantizer is already registered by %s; keeping it",
+            AUTO_QUANTIZER_MAPPING[QUANT_METHOD],
+        )
+
+
+register()
