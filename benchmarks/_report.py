@@ -35,7 +35,11 @@ def update_section(name: str, markdown: str, doc: pathlib.Path = DOC) -> None:
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     tmp = doc.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(doc)

@@ -40,9 +40,10 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_one(method: str, bits: float | None, nsamples: int, seqlen: int, out: pathlib.Path) -> None:
+def run_one(method: str, bits: float | None, nsamples: int, seqlen: int, out: pathlib.Path, *,
+            blocks: int | None = None, damp: float | None = None) -> None:
     """Quantize (unless ``method == "fp32"``), evaluate, write one JSON result. Runs in a child."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import watersic_hf
     from watersic_hf.assets import smollm2_dir, sotu_eval_text
@@ -55,7 +56,11 @@ def run_one(method: str, bits: float | None, nsamples: int, seqlen: int, out: pa
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         achieved = None
     else:
-        cfg = watersic_hf.WaterSICConfig(bits=bits, method=method, nsamples=nsamples, seqlen=seqlen)
+        n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+        skip = [rf"model\.layers\.{i}" for i in range(blocks, n_layers)] if blocks else None
+        cfg = watersic_hf.WaterSICConfig(
+            bits=bits, method=method, nsamples=nsamples, seqlen=seqlen, modules_to_not_convert=skip,
+            damp=damp if method == "watersic" else None)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
                                                      dtype=torch.float32)
         achieved = model.config.quantization_config.achieved_bits
@@ -66,10 +71,12 @@ def run_one(method: str, bits: float | None, nsamples: int, seqlen: int, out: pa
         "method": method, "bits": bits, "achieved_bits": achieved, "ppl": ppl["ppl"],
         "eval_tokens": ppl["tokens"], "quantize_seconds": seconds, "peak_rss_mib": rss,
         "nsamples": nsamples, "seqlen": seqlen, "threads": torch.get_num_threads(),
+        "blocks": blocks, "damp": damp,
     })
 
 
-def _table(results: list[dict], nsamples: int, seqlen: int) -> str:
+def _table(results: list[dict], nsamples: int, seqlen: int, blocks: int | None,
+           damp: float | None) -> str:
     from _report import machine_line
 
     fp = next(r for r in results if r["method"] == "fp32")
@@ -85,7 +92,10 @@ def _table(results: list[dict], nsamples: int, seqlen: int) -> str:
         f"tokens, {EVAL_SEQLEN}-token non-overlapping windows. Every method uses the same "
         "sequential pipeline, global rate control and pooled-entropy rate accounting (16 bits per "
         "scale and per dead column included). Wall time and peak RSS are for `from_pretrained` "
-        "with quantization, in a fresh process.",
+        "with quantization, in a fresh process."
+        + (f" **Only the first {blocks} of the 30 decoder blocks are quantized** (the rest stay in "
+           "float; the rate is over the quantized Linears)." if blocks else "")
+        + (f" WaterSIC uses damp={damp:g} (GPTQ its default 0.01)." if damp is not None else ""),
         "",
         f"fp32 perplexity: **{fp['ppl']:.3f}**.",
         "",
@@ -126,27 +136,38 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["watersic", "gptq", "rtn"])
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="quantize only the first N decoder blocks (the rest stay in float)")
+    parser.add_argument("--damp", type=float, default=None, help="WaterSIC damping (default: 1e-4)")
     parser.add_argument("--no-report", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="build the table from cached results only (missing runs left out)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = f"n{args.nsamples}x{args.seqlen}"
+    tag = f"n{args.nsamples}x{args.seqlen}" + (f"_b{args.blocks}" if args.blocks else "") + (
+        f"_d{args.damp:g}" if args.damp is not None else "")
     if args.child:
         method, bits = args.child
-        out = OUT / f"{method}_{bits}_{tag}.json"
-        run_one(method, None if method == "fp32" else float(bits), args.nsamples, args.seqlen, out)
+        out = OUT / ("fp32.json" if method == "fp32" else f"{method}_{bits}_{tag}.json")
+        run_one(method, None if method == "fp32" else float(bits), args.nsamples, args.seqlen, out,
+                blocks=args.blocks, damp=args.damp)
         return
 
     jobs = [("fp32", "0")] + [(m, f"{b:g}") for b in args.rates for m in args.methods]
     results = []
     for method, bits in jobs:
-        out = OUT / f"{method}_{bits}_{tag}.json"
+        out = OUT / ("fp32.json" if method == "fp32" else f"{method}_{bits}_{tag}.json")
+        if not out.exists() and args.report_only:
+            continue
         if not out.exists():
             print(f"[bench_models] {method} {bits} bits ...", flush=True)
             t = time.perf_counter()
             subprocess.run(
                 [sys.executable, __file__, "--child", method, bits, "--nsamples",
-                 str(args.nsamples), "--seqlen", str(args.seqlen)],
+                 str(args.nsamples), "--seqlen", str(args.seqlen)]
+                + (["--blocks", str(args.blocks)] if args.blocks else [])
+                + (["--damp", str(args.damp)] if args.damp is not None else []),
                 check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")},
             )
             print(f"[bench_models]   done in {time.perf_counter() - t:.0f}s", flush=True)
@@ -155,7 +176,7 @@ def main() -> None:
               f"achieved={r['achieved_bits']} time={r['quantize_seconds']:.0f}s "
               f"rss={r['peak_rss_mib']:.0f}MiB", flush=True)
         results.append(r)
-    table = _table(results, args.nsamples, args.seqlen)
+    table = _table(results, args.nsamples, args.seqlen, args.blocks, args.damp)
     print(table)
     if not args.no_report:
         sys.path.insert(0, str(ROOT / "benchmarks"))

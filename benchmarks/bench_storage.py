@@ -176,6 +176,7 @@ def measure(z: torch.Tensor, repeat: int = 3, pooled_table: bool = True,
         "model": 8 * m["model_nbytes"] / n_codes,
         "escapes": 8 * m["escape_nbytes"] / n_codes,
         "lanes": 32 * m["lanes"] / n_codes,
+        "coder": m["coder"],
         "tables": m["n_tables"],
         "enc": n_codes / enc_cpu / 1e6,
         "enc_wall": n_codes / enc_wall / 1e6,
@@ -209,6 +210,18 @@ def parametric_ideal_bits(z: np.ndarray, family: str, scale_bits: int = 8) -> fl
     return float((hist @ logp).min(axis=1).sum() + scale_bits * n) / z.size
 
 
+def coder_comparison(z: torch.Tensor, repeat: int = 2) -> dict:
+    """Bits and decode speed (M codes/s per core, CPU time) of both coders on the same codes."""
+    out = {}
+    for coder in ("ans", "rans"):
+        enc = encode_codes(z, coder=coder)
+        dec, cpu, _ = _cpu(lambda enc=enc: decode_codes(enc), repeat)
+        if not torch.equal(dec, z):
+            raise AssertionError("round trip failed")
+        out[coder] = (8 * encoded_nbytes(enc) / z.numel(), z.numel() / cpu / 1e6)
+    return out
+
+
 # ---------------------------------------------------------------------------- report
 def fmt(x: float, d: int = 3) -> str:
     return f"{x:.{d}f}"
@@ -232,14 +245,15 @@ def main() -> None:
         "the gap per-col → oracle is the optimism of the plug-in estimate at this row count); "
         "*ours*: every byte of `stream` + `model`; *Δ* = ours − per-col (goal ≤ 0.05); *model*, "
         "*esc*, *lanes*: the parts of *ours* that are side information, raw escape bits and "
-        "rANS lane states; *1 table*: our coder forced to one pooled table; *xz*: `lzma` "
-        "preset 6 on the int16 matrix (a generic compressor, for context). The fp16 per-row "
-        "and per-column scales (16/n + 16/a bits per code) are stored elsewhere and are not "
-        "counted. Speeds in million codes per second per core (CPU time, one thread), "
-        "wall-clock speed in brackets.")
+        "rANS lane states (0 for the `ans` coder, whose single stream has one 64-bit state); "
+        "*coder*: the default coder for this size; *1 table*: our coder forced to one pooled "
+        "table; *xz*: `lzma` preset 6 on the int16 matrix (a generic compressor, for "
+        "context). The fp16 per-row and per-column scales (16/n + 16/a bits per code) are "
+        "stored elsewhere and are not counted. Speeds in million codes per second per core "
+        "(CPU time, one thread), wall-clock speed in brackets.")
     lines.append("")
     head = ("| data | a×n | target | pooled | per-col | oracle | ours | Δ | model | esc | lanes "
-            "| 1 table | xz | tables | max abs | decode | encode |")
+            "| 1 table | xz | tables | max abs | coder | decode | encode |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     fams = ["gauss", "laplace", "t4"]
     for a, n in shapes:
@@ -253,7 +267,8 @@ def main() -> None:
                        f"{fmt(oracle)} | {fmt(r['ours'])} | {r['ours'] - r['percol']:+.3f} | "
                        f"{fmt(r['model'])} | {fmt(r['escapes'])} | {fmt(r['lanes'])} | "
                        f"{fmt(r['one_table'])} | {fmt(r['xz']) if 'xz' in r else '–'} | "
-                       f"{r['tables']} | {r['max']} | {r['dec']:.0f} ({r['dec_wall']:.0f}) | "
+                       f"{r['tables']} | {r['max']} | {r['coder']} | "
+                       f"{r['dec']:.0f} ({r['dec_wall']:.0f}) | "
                        f"{r['enc']:.1f} ({r['enc_wall']:.1f}) |")
                 print(row, flush=True)
                 lines.append(row)
@@ -267,7 +282,7 @@ def main() -> None:
                        f"{fmt(r['percol'])} | – | {fmt(r['ours'])} | "
                        f"{r['ours'] - r['percol']:+.3f} | {fmt(r['model'])} | "
                        f"{fmt(r['escapes'])} | {fmt(r['lanes'])} | {fmt(r['one_table'])} | "
-                       f"{fmt(r['xz'])} | {r['tables']} | {r['max']} | "
+                       f"{fmt(r['xz'])} | {r['tables']} | {r['max']} | {r['coder']} | "
                        f"{r['dec']:.0f} ({r['dec_wall']:.0f}) | "
                        f"{r['enc']:.1f} ({r['enc_wall']:.1f}) |")
                 print(row, f"(quantize {time.perf_counter() - t0:.0f}s)", flush=True)
@@ -286,6 +301,24 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
             del syn
+
+    # Coder comparison: constriction's ANS (one stream, one call per table) against the
+    # lockstep rANS, by matrix size; the default switches at ANS_MAX_CODES.
+    lines += ["", "Coder choice (gauss codes): bits per code and decode speed in M codes/s per "
+              "core (CPU time) of `coder=\"ans\"` (constriction, one stream, one `decode` call "
+              "per table, then one column permutation) and `coder=\"rans\"` (lockstep rANS "
+              "lanes). The default is `ans` below 4 M codes and `rans` above.", "",
+              "| a×n | bits | ans: bits | ans: decode | rans: bits | rans: decode |",
+              "|---|---|---|---|---|---|"]
+    comp = [((576, 576), 2), ((1536, 576), 2), ((2048, 2048), 2), ((4096, 4096), 2),
+            ((4096, 4096), 4)]
+    for shape, bits in comp[:2] if args.quick else comp:
+        syn = Synthetic("gauss", *shape, bits, seed=900 + bits + sum(shape))
+        r = coder_comparison(syn.codes)
+        row = (f"| {shape[0]}×{shape[1]} | {bits} | {fmt(r['ans'][0])} | {r['ans'][1]:.0f} | "
+               f"{fmt(r['rans'][0])} | {r['rans'][1]:.0f} |")
+        print(row, flush=True)
+        lines.append(row)
 
     # Design comparison: why shared tables rather than a parametric per-column model.
     lines += ["", "Model choice (576×576, no outlier/dead columns): Δ over the per-column "

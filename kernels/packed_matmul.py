@@ -1,14 +1,15 @@
 """Fused unpack–scale–matmul for WaterSIC's packed format (see docs/kernels.md).
 
 Computes ``y = row_scale · ((x · col_scale) @ codesᵀ) + bias`` straight from the packed words
-of ``watersic_hf.packing`` in one launch:
+of ``watersic_hf.packing`` in one launch (prefill adds one ``index_select`` that puts the
+activation columns in packed order):
 
 ```
 for each output tile (rows m, columns n) and each K-split:
     acc = 0                                          # fp32
-    for g in groups of this split:                   # one group = 32 permuted columns
-        z  = decode(group g, rows n)                 # int32 [32, BLOCK_N]: main words + escapes
-        xs = x[m, perm[g·32 : g·32+32]] · col_scale  # fp32 [BLOCK_M, 32] (gathered columns)
+    for step in this split:                          # a step = GPS groups of 32 columns
+        z  = decode(step, rows n)                    # int32 [32·GPS, BLOCK_N], escapes resolved
+        xs = x[m, perm[step's positions]] · col_scale   # fp32 [BLOCK_M, 32·GPS]
         acc += xs @ z                                # tl.dot, or broadcast-FMA for M <= 4
     y = acc · row_scale[n] + bias[n]                 # stored, or atomically added (split-K)
 ```
@@ -296,6 +297,8 @@ def _launch(
     devices = {t.device for t in (x, packed, group_meta, perm, col_scale, row_scale)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}.")
+    if m == 0:
+        return x.new_empty(0, n)
     n_chunks = -(-n // ESC_CHUNK)
     decode = m <= DECODE_MAX_M
     use_dot = not decode or m > FMA_MAX_M

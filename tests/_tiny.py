@@ -66,7 +66,11 @@ def make_local_tokenizer(path: str | os.PathLike[str] | None = None, texts=CALIB
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
     )
     if path is not None:
         fast.save_pretrained(path)

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-
 from _tiny import CALIB_TEXTS, make_local_tokenizer, make_tiny_model  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""watersic-quantize / watersic-eval: argument handling, error messages, atomic output, a tiny run."""
+"""watersic-quantize / watersic-eval: arguments, error messages, atomic output, a tiny run."""
 
 import json
 import os
@@ -191,7 +191,7 @@ def test_overwrite_and_failure_leave_no_partial_folder(
         "16",
     ]
 
-    # A failure after the files were written: the old folder stays untouched, nothing partial remains.
+    # A failure after the files were written: the old folder is untouched, nothing partial is left.
     import watersic_hf.model_card
 
     def boom(*args, **kwargs):

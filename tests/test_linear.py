@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from watersic_hf import packing
 from watersic_hf._triton import HAS_TRITON, interpreter_enabled
 from watersic_hf.nn import WaterSICLinear
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton tests' device
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON or not (torch.cuda.is_available() or interpreter_enabled()),
     reason="needs Triton with a GPU or TRITON_INTERPRET=1",
@@ -65,6 +67,20 @@ def test_low_precision_activations_keep_their_dtype(dtype):
     y = m(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), reference(qw, x, m.bias), atol=5e-2, rtol=2e-2)
+
+
+def test_dtype_casts_keep_fp16_scales():
+    qw = fake_qw(24, 40, seed=7)
+    m = WaterSICLinear.from_quantized(qw, torch.randn(24), backend="torch")
+    x = torch.randn(3, 40)
+    ref = m(x)
+    m.to(torch.bfloat16)
+    assert m.weight_col_scale.dtype == m.weight_row_scale.dtype == torch.float16
+    assert m.bias.dtype == torch.bfloat16 and m.weight_packed.dtype == torch.int32
+    assert torch.equal(m.weight_col_scale.float(), qw.col_scale)  # not rounded to bf16
+    torch.testing.assert_close(m(x.bfloat16()).float(), ref, atol=5e-2, rtol=2e-2)
+    m.to("meta")
+    assert m.weight_col_scale.is_meta and m.weight_col_scale.dtype == torch.float16
 
 
 def test_module_contract():
@@ -154,8 +170,8 @@ def test_backend_setting_and_environment(monkeypatch):
 @needs_triton
 def test_triton_backend_matches_torch_backend(monkeypatch):
     qw = fake_qw(50, 90, seed=5)
-    m = WaterSICLinear.from_quantized(qw, torch.randn(50), backend="torch")
-    x = torch.randn(3, 90, device=m.weight_packed.device)
+    m = WaterSICLinear.from_quantized(qw, torch.randn(50), backend="torch").to(DEVICE)
+    x = torch.randn(3, 90, device=DEVICE)
     ref = m(x)
     monkeypatch.setenv("WATERSIC_BACKEND", "triton")  # the environment overrides the module
     torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
@@ -210,10 +226,11 @@ def test_tiny_model_packed_logits_equal_unpacked(tiny_models):
 @needs_triton
 def test_tiny_model_through_triton_kernels(tiny_models, monkeypatch):
     models, ids = tiny_models
+    packed = copy.deepcopy(models["packed"]).to(DEVICE)
     with torch.no_grad():
         ref = models["plain"](ids).logits
         monkeypatch.setenv("WATERSIC_BACKEND", "triton")
-        out = models["packed"](ids).logits
+        out = packed(ids.to(DEVICE)).logits.cpu()
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
 
 

@@ -103,7 +103,13 @@ def test_card_content():
 
 
 def test_card_without_measurements_and_with_a_local_base(tmp_path):
-    text = render_model_card(_config(method="gptq"), base_model=str(tmp_path), model_path="./out")
+    skips = ["lm_head", "model.embed_tokens", "model.layers.0.mlp"]
+    text = render_model_card(
+        _config(method="gptq", modules_to_not_convert=skips),
+        base_model=str(tmp_path),
+        model_path="./out",
+    )
+    assert "| kept in full precision | embeddings, `lm_head`, `model.layers.0.mlp`, norms" in text
     meta = _front_matter(text)
     assert "base_model" not in meta  # a local folder is no Hub id
     assert "gptq" in meta["tags"]

@@ -89,9 +89,17 @@ def _cases() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("coder", ["ans", "rans"])
 @pytest.mark.parametrize("case", list(_cases()))
-def test_round_trip(case: str) -> None:
-    _round_trip(_cases()[case])
+def test_round_trip(case: str, coder: str) -> None:
+    enc = _round_trip(_cases()[case], coder=coder)
+    assert enc.metadata["coder"] == coder
+
+
+def test_default_coder_depends_on_size() -> None:
+    small = encode_codes(torch.zeros(64, 64, dtype=torch.int32))
+    assert small.metadata["coder"] == "ans" and small.metadata["lanes"] == 0
+    assert encode_codes(torch.zeros(8, 8, dtype=torch.int32), lanes=2).metadata["coder"] == "rans"
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 7, 64, 300 * 77])
@@ -122,6 +130,10 @@ def test_bad_input() -> None:
         encode_codes(torch.tensor([[2**31]], dtype=torch.int64))
     with pytest.raises(ValueError, match="lanes"):
         encode_codes(torch.zeros(3, 3, dtype=torch.int32), lanes=0)
+    with pytest.raises(ValueError, match="coder"):
+        encode_codes(torch.zeros(3, 3, dtype=torch.int32), coder="huffman")
+    with pytest.raises(ValueError, match="lanes"):
+        encode_codes(torch.zeros(3, 3, dtype=torch.int32), coder="ans", lanes=2)
     with pytest.raises(ValueError, match="max_tables"):
         encode_codes(torch.zeros(3, 3, dtype=torch.int32), max_tables=65)
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -129,12 +141,13 @@ def test_bad_input() -> None:
 
 
 @pytest.mark.parametrize("bits", [2.0, 3.0])
-def test_size_within_goal(bits: float) -> None:
+@pytest.mark.parametrize("coder", ["ans", "rans"])
+def test_size_within_goal(bits: float, coder: str) -> None:
     """Stream + model ≤ per-column entropy + 0.05 bit/code on a 1024×512 realistic layer, and
     far below the pooled entropy that a single table would reach. (With 512 rows or fewer the
     plug-in per-column entropy itself is optimistic by ≈0.02–0.04 bit, see docs/format.md.)"""
     z = realistic_codes(1024, 512, bits, seed=int(bits))
-    enc = _round_trip(z)
+    enc = _round_trip(z, coder=coder)
     rate = 8 * encoded_nbytes(enc) / z.numel()
     per_col = per_column_entropy_bits(z)
     assert abs(per_col - bits) < 0.02
@@ -142,11 +155,58 @@ def test_size_within_goal(bits: float) -> None:
     assert rate < pooled_entropy_bits(z) - 0.2
 
 
-def test_deterministic() -> None:
+@pytest.mark.parametrize("coder", ["ans", "rans"])
+def test_deterministic(coder: str) -> None:
     z = realistic_codes(128, 96, 2.0, seed=3)
-    a, b = encode_codes(z), encode_codes(z.clone())
+    a, b = encode_codes(z, coder=coder), encode_codes(z.clone(), coder=coder)
     assert torch.equal(a.stream, b.stream) and torch.equal(a.model, b.model)
     assert a.metadata == b.metadata
+
+
+def _golden_matrix() -> torch.Tensor:
+    """A fixed 24×10 matrix built from integers only (no RNG), with a dead column and two
+    escapes."""
+    i = torch.arange(24).view(-1, 1)
+    j = torch.arange(10).view(1, -1)
+    z = (((i * 7919 + j * 104729) % 23) - 11) * (j % 4 + 1) // 3
+    z[:, 2] = 0
+    z[5, 7] = -7217
+    z[11, 3] = 40000
+    return z.to(torch.int32)
+
+
+# Bytes written by format version 1 for _golden_matrix() (ans; rans with 3 lanes).
+_GOLDEN_MODEL = ("ff040717161722ff34191e191e191f171f212a252a2a322732" + "ff" * 31
+                 + "3affffffff3aea02")
+GOLDEN_V1 = {
+    "ans": ("4fca50441ec788b2bae14760e51c0e846777cf0635b6aa3f08b6797e0f263dbc979805267e60bd11"
+            "ad7c802ff72247810d25068abc66cdedc066b482905575037c673ccdcec7f7710ce2af7d23fd7fd8"
+            "0dd438c31e2c0edd30cca7567aa403d2f6ec18686bae008ed17c0cac3863582a045ec862202305e6"
+            "d3f000003104e200", 0, 124),
+    "rans": ("6f2002002a572a005d663700aa83749009e721789514509f02ac7626e158197cfd88a602918d5029"
+             "4f076b0c857585c8ab888ec23a3e058120542fdaaf85c6a4c4b029651a18dfce9e0f6651322eaaf9"
+             "a832ed37e202ef338c33f857eb75b547a0913ae9602b5c5ab181f0c07e4dcc7e9ee515a10f621bc6"
+             "e065f3e25bd5ff363c933104e200", 3, 130),
+}
+
+
+@pytest.mark.parametrize("coder", ["ans", "rans"])
+def test_format_v1_bytes_still_decode(coder: str) -> None:
+    """Checkpoints on disk must keep decoding: bytes written by format version 1 decode to the
+    same matrix (a change of the coders, of the table arithmetic or of constriction's ANS shows
+    up here). If the format changes on purpose, bump FORMAT_VERSION and keep a v1 decoder."""
+    import zlib
+
+    hex_stream, lanes, coded = GOLDEN_V1[coder]
+    stream = np.frombuffer(bytes.fromhex(hex_stream), dtype=np.uint8).copy()
+    model = np.frombuffer(bytes.fromhex(_GOLDEN_MODEL), dtype=np.uint8).copy()
+    meta = {"codec": "watersic-entropy", "format_version": 1, "coder": coder, "shape": [24, 10],
+            "precision_bits": 12, "lanes": lanes, "n_tables": 2, "coded_nbytes": coded,
+            "escape_nbytes": 4, "n_escapes": 2, "stream_nbytes": stream.size,
+            "model_nbytes": model.size,
+            "crc32": {"stream": zlib.crc32(stream.tobytes()), "model": zlib.crc32(model.tobytes())}}
+    enc = EncodedCodes(torch.from_numpy(stream), torch.from_numpy(model), meta)
+    assert torch.equal(decode_codes(enc), _golden_matrix())
 
 
 def test_metadata_is_json_and_describes_tensors(tmp_path) -> None:
@@ -177,14 +237,15 @@ def _tampered(enc: EncodedCodes, what: str, data: torch.Tensor, fix_meta: bool) 
         meta[f"{what}_nbytes"] = data.numel()
         meta["crc32"][what] = zlib.crc32(data.numpy().tobytes())
         if what == "stream":
-            meta["rans_nbytes"] = data.numel() - meta["escape_nbytes"]
+            meta["coded_nbytes"] = data.numel() - meta["escape_nbytes"]
     return EncodedCodes.from_tensors(tensors, meta)
 
 
+@pytest.mark.parametrize("coder", ["ans", "rans"])
 @pytest.mark.parametrize("what", ["stream", "model"])
-def test_corruption_is_detected(what: str) -> None:
+def test_corruption_is_detected(what: str, coder: str) -> None:
     name = "model.layers.3.self_attn.q_proj"
-    enc = encode_codes(realistic_codes(128, 96, 2.0, seed=3))
+    enc = encode_codes(realistic_codes(128, 96, 2.0, seed=3), coder=coder)
     data = getattr(enc, what).clone()
     data[data.numel() // 2] ^= 0x5A
     with pytest.raises(ValueError, match=rf"{name}.*checksum"):
@@ -193,17 +254,19 @@ def test_corruption_is_detected(what: str) -> None:
         decode_codes(_tampered(enc, what, data[:-3], fix_meta=False), name=name)
 
 
-def test_corruption_is_detected_without_checksum() -> None:
-    """With the checksum forged, the rANS end-state and length checks still refuse a truncated
-    or altered rANS stream instead of returning wrong codes. (The raw escape bits have no
+@pytest.mark.parametrize("coder", ["ans", "rans"])
+def test_corruption_is_detected_without_checksum(coder: str) -> None:
+    """With the checksum forged, the coders' own end-state and length checks still refuse a
+    truncated or altered stream instead of returning wrong codes. (The raw escape bits have no
     structure to check; only the CRC protects them.)"""
     name = "blk.q"
-    enc = encode_codes(realistic_codes(128, 96, 2.0, seed=4), lanes=4)
+    lanes = 4 if coder == "rans" else None
+    enc = encode_codes(realistic_codes(128, 96, 2.0, seed=4), coder=coder, lanes=lanes)
     stream = enc.stream.clone()
     for bad in (stream[:-2], torch.cat([stream, torch.zeros(2, dtype=torch.uint8)])):
         with pytest.raises(ValueError, match=rf"{name}.*do not decode"):
             decode_codes(_tampered(enc, "stream", bad, fix_meta=True), name=name)
-    for pos in (3, 40, 4 * 4 + 11, enc.metadata["rans_nbytes"] - 1):
+    for pos in (3, 40, 4 * 4 + 11, enc.metadata["coded_nbytes"] - 1):
         flipped = stream.clone()
         flipped[pos] ^= 0x10
         with pytest.raises(ValueError, match=rf"{name}.*do not decode"):

@@ -10,6 +10,7 @@ from ._version import __version__
 from .config import FORMAT_VERSION, WaterSICConfig
 from .nn import WaterSICLinear
 from .quantizer import WaterSICHfQuantizer
+from .report import report
 
 __all__ = [
     "FORMAT_VERSION",
@@ -17,4 +18,5 @@ __all__ = [
     "WaterSICHfQuantizer",
     "WaterSICLinear",
     "__version__",
+    "report",
 ]

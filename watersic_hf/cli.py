@@ -456,8 +456,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if minutes is not None:
             print(
                 f"watersic-quantize: calibrating on CPU with {nsamples} x {seqlen} tokens; expect "
-                f"roughly {max(minutes, 0.1):.1f} min (2-core estimate; --nsamples/--seqlen "
-                "trade time for quality)",
+                f"roughly {max(minutes, 0.1):.1f} min (measured scale on 2 CPU cores; longer if "
+                "other jobs share the CPU; --nsamples/--seqlen trade time for quality)",
                 file=sys.stderr,
             )
     start = time.perf_counter()

@@ -167,6 +167,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         calibration_tokens (`int`): number of calibration tokens used.
         format_version (`int`): checkpoint layout version (:data:`FORMAT_VERSION`).
         watersic_version (`str`): version of watersic_hf that wrote the checkpoint.
+        report (`dict`): rate summary written at save time (:func:`watersic_hf.report` without
+            ``layers``): entropy, on-disk, in-memory and accounted bits per weight.
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         calibration_tokens: int | None = None,
         format_version: int = FORMAT_VERSION,
         watersic_version: str | None = None,
+        report: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -235,6 +238,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.calibration_tokens = calibration_tokens
         self.format_version = format_version
         self.watersic_version = watersic_version
+        self.report = dict(report) if report else None
         # Keys written by a newer watersic_hf: keep them (so a re-save does not drop them) but say
         # so.
         self._unknown = dict(kwargs)
@@ -256,10 +260,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses WaterSIC format_version {self.format_version}, but the "
-                "installed "
-                f"watersic_hf {__version__} reads format_version <= {FORMAT_VERSION}; upgrade it "
-                "with "
-                "`pip install -U watersic-hf`"
+                f"installed watersic_hf {__version__} reads format_version <= {FORMAT_VERSION}; "
+                "upgrade it with `pip install -U watersic-hf`"
             )
         self.bits = _check_float("bits", self.bits, MIN_BITS, MAX_BITS)
         if self.method not in METHODS:

@@ -269,12 +269,12 @@ def render_model_card(
             f"| per-layer rate range | {s['layer_bits_min']:.3f} – {s['layer_bits_max']:.3f} "
             "bits/weight |"
         )
-    skip = [m for m in s["modules_to_not_convert"] or () if m != "lm_head"]
-    lines.append(
-        "| kept in full precision | embeddings, `lm_head`"
-        + (", " + ", ".join(f"`{m}`" for m in skip) if skip else "")
-        + ", norms and every non-linear module |"
-    )
+    # Embeddings are never Linear layers; the skip list repeats them when they are tied to lm_head.
+    kept = ["embeddings", "`lm_head`"]
+    kept += [
+        f"`{m}`" for m in s["modules_to_not_convert"] or () if m != "lm_head" and "embed" not in m
+    ]
+    lines.append(f"| kept in full precision | {', '.join(kept)}, norms, every non-Linear module |")
     if s["nsamples"] is not None and s["seqlen"] is not None:
         if isinstance(s["dataset"], str):
             source = f"`{s['dataset']}`"

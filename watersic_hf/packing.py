@@ -212,7 +212,7 @@ def _column_order(codes: torch.Tensor, clamp: int = 4096) -> torch.Tensor:
     chunk = max(1, (1 << 23) // bins)
     keys = []
     for start in range(0, n_cols, chunk):
-        block = clamped[:, start : start + chunk] - low  # (N, C), values in [0, bins)
+        block = clamped[:, start : start + chunk].long() - low  # (N, C), in [0, bins)
         cols = block.shape[1]
         flat = (block + torch.arange(cols, device=codes.device) * bins).flatten()
         p = torch.bincount(flat, minlength=cols * bins).view(cols, bins).double() / n_rows
@@ -295,17 +295,18 @@ def pack_codes(codes: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Pac
     if group_size != DEFAULT_GROUP_SIZE:
         raise ValueError(f"group_size={group_size}: format version 1 supports only 32.")
     device = codes.device
-    c64 = codes.to(torch.int64)
-    if int(c64.abs().max()) > MAX_ABS_CODE:
+    biggest = max(-int(codes.min()), int(codes.max()))  # no abs(): int32 abs overflows at -2^31
+    if biggest > MAX_ABS_CODE:
         raise ValueError(
-            f"a code has magnitude {int(c64.abs().max())} > {MAX_ABS_CODE}; the packed format "
-            "cannot hold it. Use WaterSICLinear.from_quantized(..., format='plain')."
+            f"a code has magnitude {biggest} > {MAX_ABS_CODE}; the packed format cannot hold "
+            "it. Use WaterSICLinear.from_quantized(..., format='plain')."
         )
-    n_rows, n_cols = c64.shape
+    codes = codes.to(torch.int32)
+    n_rows, n_cols = codes.shape
     n_groups = _cdiv(n_cols, group_size)
     n_chunks = _cdiv(n_rows, ESCAPE_CHUNK)
-    perm = _column_order(c64)
-    permuted = c64[:, perm]  # (N, K)
+    perm = _column_order(codes)
+    columns = codes.t()[perm]  # (K, N): permuted columns, each contiguous
 
     meta = torch.zeros(n_groups, META_FIELDS, dtype=torch.int64)
     main_words: list[torch.Tensor] = []
@@ -313,7 +314,7 @@ def pack_codes(codes: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Pac
     esc_bases: list[torch.Tensor] = []
     word_off = esc_off = 0
     for g in range(n_groups):
-        block = permuted[:, g * group_size : (g + 1) * group_size]  # (N, <=32)
+        block = columns[g * group_size : (g + 1) * group_size].long().t()  # (N, <=32)
         b, lo, uses_esc = _choose_group(block.flatten(), n_chunks)
         inner = (1 << b) - 1 if uses_esc else 1 << b
         u = block - lo

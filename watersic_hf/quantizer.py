@@ -69,12 +69,9 @@ class WaterSICHfQuantizer(HfQuantizer):
         if not self.pre_quantized and any(v == "disk" for v in _device_map_values(device_map)):
             raise ValueError(
                 "WaterSIC calibration cannot run with disk offload (device_map contains 'disk'): "
-                "the offloaded "
-                "weights are not in memory while the model is calibrated. Quantize with "
-                "device_map=None (the "
-                "float model stays on the CPU and one block at a time goes to the accelerator), "
-                "then load the "
-                "saved checkpoint with any device_map"
+                "the offloaded weights are not in memory while the model is calibrated. Quantize "
+                "with device_map=None (the float model stays on the CPU and one block at a time "
+                "goes to the accelerator), then load the saved checkpoint with any device_map"
             )
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
@@ -113,10 +110,16 @@ class WaterSICHfQuantizer(HfQuantizer):
             if not cfg.layers:
                 raise ValueError(
                     "this checkpoint's quantization_config (quant_method='watersic') lists no "
-                    "quantized layers; "
-                    "the config.json is incomplete or was not written by watersic_hf"
+                    "quantized layers; the config.json is incomplete or was not written by "
+                    "watersic_hf"
                 )
-            count = build_skeleton(model, cfg.layers, backend=cfg.backend)
+            from .storage.checkpoint import build_encoded_skeleton, layer_storage
+
+            packed_layers = {
+                n: m for n, m in cfg.layers.items() if layer_storage(m) != "entropy"
+            }
+            count = build_skeleton(model, packed_layers, backend=cfg.backend)
+            count += build_encoded_skeleton(model, cfg.layers)
             logger.info(
                 "WaterSIC: %d Linear modules replaced by WaterSICLinear before loading", count
             )
@@ -127,6 +130,10 @@ class WaterSICHfQuantizer(HfQuantizer):
 
         cfg = self.quantization_config
         if self.pre_quantized:
+            from .storage.checkpoint import decode_loaded_model
+
+            # Entropy-stored layers: streams -> codes -> WaterSICLinear (CRC-checked).
+            decode_loaded_model(model, backend=cfg.backend)
             # The v5 loader wraps loaded float tensors as Parameters with requires_grad=True.
             for module in model.modules():
                 if isinstance(module, WaterSICLinear):
@@ -163,6 +170,15 @@ class WaterSICHfQuantizer(HfQuantizer):
         # here as well makes sure the per-layer metadata reaches config.json.
         model.config.quantization_config = cfg
         return _with_model_card(model)
+
+    # ------------------------------------------------------------------ saving
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, Any] | None, dict]:
+        """Called by ``save_pretrained`` before config.json is written: entropy-code the layers
+        (``storage="entropy"``) and record their stream metadata and the rate report in the
+        config. See :func:`watersic_hf.storage.checkpoint.encode_model_state`."""
+        from .storage.checkpoint import encode_model_state
+
+        return encode_model_state(model, self.quantization_config)
 
     # ------------------------------------------------------------------ capabilities
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

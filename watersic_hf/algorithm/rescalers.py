@@ -135,7 +135,6 @@ def fit_rescalers(
 
     t = torch.ones(a, dtype=torch.float64, device=w0.device)
     g = gamma_init.to(torch.float64).clone()
-    eye = torch.eye(n, dtype=torch.float64, device=w0.device)
     loss = float("nan")
     losses: list[float] = []
     iterations = 0
@@ -153,7 +152,10 @@ def fit_rescalers(
         if iterations == 1:
             loss = loss_prev = q(g)
             losses.append(loss)
-        g_new = _spd_solve(f3 + _ridge(f3.diagonal()) * eye, f4)
+        ridged = f3.clone()
+        ridged.diagonal().add_(_ridge(f3.diagonal()))
+        g_new = _spd_solve(ridged, f4)
+        del ridged
         if q(g_new) > loss:
             for frac in LINE_SEARCH:
                 cand = g + frac * (g_new - g)

@@ -153,5 +153,6 @@ def zsic_reference(
         if lmmse:
             gamma[i] = float(z @ r) / (float(steps[i]) * zz) if zz > 0 else 0.0
         alpha_i = steps[i] / chol[i, i]
-        res[:, : i + 1] -= torch.outer(gamma[i] * alpha_i * z, chol[i, : i + 1])
+        # In-place rank-1 update of the prefix (no a×i temporary).
+        res[:, : i + 1].addr_(gamma[i] * alpha_i * z, chol[i, : i + 1], alpha=-1.0)
     return codes, gamma

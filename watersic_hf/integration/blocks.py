@@ -79,22 +79,19 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no list of decoder blocks (nn.ModuleList); WaterSIC "
-            "supports "
-            "decoder-only transformers such as Llama, Qwen, Mistral, Phi-3, Gemma and OPT"
+            "supports decoder-only transformers such as Llama, Qwen, Mistral, Phi-3, Gemma and OPT"
         )
     matching = [c for c in candidates if len(c[1]) == n_layers]
     name, blocks = (matching or sorted(candidates, key=lambda c: -len(c[1])))[0]
     if any(isinstance(m, Conv1D) for m in blocks.modules()):
         raise ValueError(
             f"{type(model).__name__} uses GPT-2 style Conv1D layers (transposed weights), which "
-            "WaterSIC does "
-            "not quantize; use a model whose blocks hold nn.Linear layers"
+            "WaterSIC does not quantize; use a model whose blocks hold nn.Linear layers"
         )
     if not any(isinstance(m, nn.Linear) for m in blocks.modules()):
         raise ValueError(
             f"the decoder blocks of {type(model).__name__} ({name}) hold no nn.Linear layers: "
-            "nothing to "
-            "quantize with WaterSIC"
+            "nothing to quantize with WaterSIC"
         )
     return name, blocks
 
@@ -230,8 +227,7 @@ def capture_block_inputs(
                 if len(args) > 1:
                     raise RuntimeError(
                         f"{type(blocks[idx]).__name__} received {len(args)} positional arguments; "
-                        "WaterSIC "
-                        "expects only hidden_states positionally"
+                        "WaterSIC expects only hidden_states positionally"
                     )
                 # No cache is built or mutated while calibrating.
                 kw["use_cache"] = False
@@ -241,9 +237,8 @@ def capture_block_inputs(
                 if idx == 0:
                     if not torch.isfinite(h).all():
                         raise ValueError(
-                            "the model's embeddings of the calibration data contain NaN/inf; check "
-                            "the model "
-                            "weights and load it in float32 or bfloat16"
+                            "the model's embeddings of the calibration data contain NaN/inf; "
+                            "check the model weights and load it in float32 or bfloat16"
                         )
                     hidden.append(h.detach().to(cache_device))
             kwargs_per_batch.append(per_type)

@@ -197,9 +197,8 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(
             f"NaN/inf in the calibration activations at {what}; the model overflows in its current "
-            "dtype. "
-            "Load it with dtype=torch.float32 (or bfloat16 instead of float16) and check its "
-            "weights"
+            "dtype. Load it with dtype=torch.float32 (or bfloat16 instead of float16) and check "
+            "its weights"
         )
 
 
@@ -292,9 +291,8 @@ class _Calibrator:
             else _plain_rel_err(weight, deq)
         )
         with torch.no_grad():
-            linear.weight.copy_(
-                deq.to(linear.weight.dtype)
-            )  # later statistics see the quantized layer
+            # Later statistics see the quantized layer.
+            linear.weight.copy_(deq.to(linear.weight.dtype))
         report = LayerReport(
             name=full_name,
             rows=weight.shape[0],
@@ -329,15 +327,15 @@ class _Calibrator:
         if total == 0:
             raise ValueError(
                 f"{type(self.model).__name__} has no nn.Linear left to quantize inside its decoder "
-                "blocks "
-                f"(modules_to_not_convert={self.skip}); remove entries from modules_to_not_convert"
+                f"blocks (modules_to_not_convert={self.skip}); remove entries from "
+                "modules_to_not_convert"
             )
         for name, p in self.model.named_parameters():
             if p.device.type == "meta":
                 raise ValueError(
                     f"parameter {name} is offloaded (on the meta device); WaterSIC calibration "
-                    "needs every "
-                    "weight in memory: load with device_map=None (CPU) or without disk offload"
+                    "needs every weight in memory: load with device_map=None (CPU) or without "
+                    "disk offload"
                 )
         rate = RateController(self.cfg.bits, total)
         if self.method == "rtn":
@@ -464,8 +462,7 @@ class _Calibrator:
             if not self._warned_no_attention:
                 logger.warning(
                     "attention_weighted: the attention of %s does not go through transformers' "
-                    "attention "
-                    "interface, so q/k/v use unweighted statistics",
+                    "attention interface, so q/k/v use unweighted statistics",
                     type(block).__name__,
                 )
                 self._warned_no_attention = True
@@ -798,8 +795,7 @@ class _Calibrator:
         best = min(evaluated, key=lambda k: evaluated[k][0])
         logger.info(
             "block %d: adaptive eps search chose eps_q=%.3f eps_a=%.3f (attention-output rel. "
-            "error %.4g, "
-            "%d evaluations)",
+            "error %.4g, %d evaluations)",
             idx,
             best[0],
             best[1],

@@ -62,14 +62,12 @@ def load_tokenizer(tokenizer: Any, model: Any = None) -> Any:
         )
     try:
         return AutoTokenizer.from_pretrained(str(source))
-    except (
-        Exception
-    ) as err:  # transformers raises OSError/ValueError/... depending on what is missing
+    # transformers raises OSError, ValueError, ... depending on what is missing.
+    except Exception as err:
         raise ValueError(
             f"WaterSIC could not load a tokenizer from {str(source)!r} ({type(err).__name__}: "
-            f"{err}); "
-            "pass WaterSICConfig(tokenizer=...) with a tokenizer object or a folder that contains "
-            "one"
+            f"{err}); pass WaterSICConfig(tokenizer=...) with a tokenizer object or a folder that "
+            "contains one"
         ) from err
 
 
@@ -93,17 +91,16 @@ def _named_dataset(
     except ImportError as err:
         raise ValueError(
             f"the calibration dataset {name!r} is downloaded through optimum and datasets, which "
-            "are not "
-            f"installed ({err}); run `{_DATASETS_HINT}`, or pass a list of texts / a .txt path "
-            "instead"
+            f"are not installed ({err}); run `{_DATASETS_HINT}`, or pass a list of texts / a .txt "
+            "path instead"
         ) from err
     try:
         examples = get_dataset(name, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
     except Exception as err:  # network or hub failures come in many types
         raise ValueError(
             f"could not fetch the calibration dataset {name!r} ({type(err).__name__}: {err}); it "
-            "needs "
-            "network access to the Hugging Face Hub. Pass a list of texts or a .txt path instead"
+            "needs network access to the Hugging Face Hub. Pass a list of texts or a .txt path "
+            "instead"
         ) from err
     return [torch.as_tensor(e["input_ids"]).reshape(-1)[:seqlen].long() for e in examples]
 
@@ -205,8 +202,7 @@ def calibration_windows(
         else:
             raise ValueError(
                 f"WaterSICConfig.dataset={name!r} is neither an existing path nor one of "
-                f"{NAMED_DATASETS}; "
-                "pass a list of texts, a .txt file or folder, or token ids"
+                f"{NAMED_DATASETS}; pass a list of texts, a .txt file or folder, or token ids"
             )
     elif isinstance(dataset, Sequence) or isinstance(dataset, torch.Tensor):
         if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:
@@ -223,15 +219,13 @@ def calibration_windows(
                 bad = next(d for d, i in zip(dataset, ids, strict=True) if i is None)
                 raise TypeError(
                     "WaterSICConfig.dataset must hold only texts or only token-id sequences, got "
-                    "an item of "
-                    f"type {type(bad).__name__}"
+                    f"an item of type {type(bad).__name__}"
                 )
             samples = [i[:seqlen] for i in ids if i.numel() > 0][:nsamples]
     else:
         raise TypeError(
             f"WaterSICConfig.dataset of type {type(dataset).__name__} is not supported; pass a "
-            "list of texts, "
-            "a path, a dataset name or token ids"
+            "list of texts, a path, a dataset name or token ids"
         )
 
     if texts is not None:
@@ -248,8 +242,7 @@ def calibration_windows(
         if stream.numel() < seqlen:
             logger.warning(
                 "the calibration texts hold only %d tokens, fewer than seqlen=%d: calibrating on "
-                "one shorter "
-                "window; pass more text (or lower seqlen) for a better calibration",
+                "one shorter window; pass more text (or lower seqlen) for a better calibration",
                 stream.numel(),
                 seqlen,
             )
@@ -258,9 +251,8 @@ def calibration_windows(
             count = min(nsamples, stream.numel() // seqlen)
             if count < nsamples:
                 logger.warning(
-                    "the calibration texts give only %d windows of %d tokens (nsamples=%d asked); "
-                    "pass more "
-                    "text or lower nsamples/seqlen",
+                    "the calibration texts give only %d windows of %d tokens (nsamples=%d "
+                    "asked); pass more text or lower nsamples/seqlen",
                     count,
                     seqlen,
                     nsamples,
@@ -282,8 +274,7 @@ def calibration_windows(
         if low < 0 or top >= vocab_size:
             raise ValueError(
                 f"calibration token ids lie in [{low}, {top}] but the model's vocabulary has "
-                f"{vocab_size} entries; "
-                "tokenize with the model's own tokenizer"
+                f"{vocab_size} entries; tokenize with the model's own tokenizer"
             )
     return samples
 

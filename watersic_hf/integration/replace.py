@@ -87,8 +87,7 @@ def build_skeleton(
         except AttributeError as err:
             raise ValueError(
                 f"the checkpoint's quantization_config lists {name!r}, which this model does not "
-                "have; the "
-                "config.json and the model class do not match"
+                "have; the config.json and the model class do not match"
             ) from err
         if isinstance(old, WaterSICLinear):
             continue
@@ -99,8 +98,7 @@ def build_skeleton(
         if (old.in_features, old.out_features) != (meta["in"], meta["out"]):
             raise ValueError(
                 f"{name}: the checkpoint has shape (out={meta['out']}, in={meta['in']}) but the "
-                "model has "
-                f"(out={old.out_features}, in={old.in_features})"
+                f"model has (out={old.out_features}, in={old.in_features})"
             )
         dtype = old.weight.dtype if old.weight.is_floating_point() else torch.float32
         new = WaterSICLinear(

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["WaterSICLinear"]
 
 _FORMATS = ("plain", "packed")
+_SCALE_NAMES = ("weight_col_scale", "weight_row_scale")
 
 
 def _check_fp16_exact(name: str, value: torch.Tensor) -> None:
@@ -182,6 +183,18 @@ class WaterSICLinear(nn.Module):
             if bias is not None:
                 module.bias.copy_(bias.to(dtype))
         return module
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WaterSICLinear:
+        # model.to(torch.bfloat16) / .half() cast every float parameter; the scales are a
+        # storage format (fp16-exact values), so they follow device moves but keep their dtype
+        # instead of being rounded to bf16
+        old = {name: getattr(self, name).data for name in _SCALE_NAMES}
+        super()._apply(fn, recurse)
+        for name, data in old.items():
+            param = getattr(self, name)
+            if param.dtype != torch.float16:
+                param.data = data.to(device=param.device)
+        return self
 
     def layout_metadata(self) -> dict[str, Any]:
         """The JSON-able ``layout`` that rebuilds this module's parameter shapes and dtypes."""

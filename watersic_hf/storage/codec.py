@@ -7,7 +7,9 @@ section "Entropy-coded streams", for the byte layout and the measured sizes.
 * Model: up to 64 token tables shared by the columns, one table per column, chosen by the
   encoder to minimise stream + side information (``_model``). Codes with ``|z| > 31`` are
   escapes: a token carries their octave, the low bits are stored raw (``_tokens``).
-* Coder: interleaved rANS over ``L`` lanes, decoded with vectorised NumPy (``_rans``).
+* Coder: ``"ans"`` (one constriction ANS stream, tables decoded run by run, ``_ans``) below
+  ``ANS_MAX_CODES`` codes, ``"rans"`` (interleaved rANS over ``L`` lanes decoded in lockstep
+  with vectorised NumPy, ``_rans``) above: each is the faster decoder in its range.
 * Integrity: CRC-32 of each tensor in the metadata, exact length checks and the rANS
   end-state check; any mismatch raises ``ValueError`` naming the tensor.
 """
@@ -22,19 +24,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _rans
+from . import _ans, _rans
 from ._bits import pack_bits, packed_nbytes, unpack_bits
 from ._model import MAX_TABLES, PRECISION, fit_model, parse_model, serialize_model
 from ._tokens import ALPHABET, DIRECT_MAX, MAX_TOKEN, escape_join, escape_split, escape_widths
 from ._tokens import tokenize as _tokenize
 
-CODEC = "watersic-rans"
+CODEC = "watersic-entropy"
 FORMAT_VERSION = 1
 SYMBOLS_PER_LANE = 4096
 MAX_LANES = 16384
+# Measured at 2 bits (docs/benchmarks.md, "Coder choice"): constriction's ANS decodes ~50 M
+# codes/s at any size; the lockstep rANS 6 at 576x576, 11 at 1536x576, 54 at 2048x2048 and 79
+# at 4096x4096, because each of its steps has a fixed NumPy-call cost.
+ANS_MAX_CODES = 1 << 22
+CODERS = ("ans", "rans")
 TENSOR_NAMES = ("stream", "model")
 _META_INT_KEYS = (
-    "lanes", "n_tables", "precision_bits", "rans_nbytes", "escape_nbytes", "n_escapes",
+    "lanes", "n_tables", "precision_bits", "coded_nbytes", "escape_nbytes", "n_escapes",
     "stream_nbytes", "model_nbytes",
 )
 _HIST_CHUNK = 1 << 22  # codes per histogram chunk (bounds the temporary int64 keys)
@@ -45,8 +52,9 @@ class EncodedCodes:
     """An entropy-coded code matrix.
 
     Attributes:
-        stream (`torch.Tensor` of shape `(metadata["stream_nbytes"],)`, uint8): the rANS
-            stream followed by the raw escape bits.
+        stream (`torch.Tensor` of shape `(metadata["stream_nbytes"],)`, uint8): the
+            entropy-coded tokens (``metadata["coded_nbytes"]`` bytes, coder
+            ``metadata["coder"]``) followed by the raw escape bits.
         model (`torch.Tensor` of shape `(metadata["model_nbytes"],)`, uint8): the token
             tables and the packed table index of every column.
         metadata (`dict`): JSON-able description (ints, strings, lists); everything needed to
@@ -160,8 +168,8 @@ def _crc(data: np.ndarray) -> int:
 
 
 def encode_codes(
-    codes: torch.Tensor, *, name: str = "codes", lanes: int | None = None,
-    max_tables: int = MAX_TABLES,
+    codes: torch.Tensor, *, name: str = "codes", coder: str | None = None,
+    lanes: int | None = None, max_tables: int = MAX_TABLES,
 ) -> EncodedCodes:
     """Entropy-code an integer code matrix.
 
@@ -170,8 +178,10 @@ def encode_codes(
             whose values fit int32). Any values are accepted, including ``±2**31``-range
             outliers, all-zero columns and ``a == 1`` or ``n == 1``.
         name (`str`, *optional*, defaults to `"codes"`): tensor name used in error messages.
-        lanes (`int`, *optional*): number of interleaved rANS lanes (default
-            :func:`default_lanes`). More lanes decode faster and cost ~3 bytes each.
+        coder (`str`, *optional*): ``"ans"`` or ``"rans"``; by default ``"ans"`` below
+            ``ANS_MAX_CODES`` (4 M) codes and ``"rans"`` above, the faster decoder in each range.
+        lanes (`int`, *optional*): number of interleaved lanes of the ``"rans"`` coder (default
+            :func:`default_lanes`). More lanes decode faster and cost 4 bytes each.
         max_tables (`int`, *optional*, defaults to 64): most token tables the encoder may use
             (1 = one pooled table for the whole matrix; 1..64).
 
@@ -182,7 +192,15 @@ def encode_codes(
     z = _codes_to_numpy(codes, name)
     a, n = z.shape
     total = a * n
-    if lanes is None:
+    if coder is None:
+        coder = "ans" if total < ANS_MAX_CODES and lanes is None else "rans"
+    if coder not in CODERS:
+        raise ValueError(f"{name}: coder must be one of {CODERS}, got {coder!r}")
+    if coder == "ans":
+        if lanes is not None:
+            raise ValueError(f"{name}: lanes applies to coder='rans' only, got lanes={lanes!r}")
+        lanes = 0
+    elif lanes is None:
         lanes = default_lanes(total)
     elif not isinstance(lanes, int) or lanes < 1 or (total and lanes > total):
         raise ValueError(f"{name}: lanes must be an int in [1, {max(total, 1)}], got {lanes!r}")
@@ -192,25 +210,30 @@ def encode_codes(
     if total == 0:
         stream = np.zeros(0, dtype=np.uint8)
         model = np.zeros(0, dtype=np.uint8)
-        n_tables = rans_nbytes = n_escapes = 0
+        n_tables = coded_nbytes = n_escapes = 0
         lanes = 0
+        coder = "ans"
     else:
         tokens, escapes = _tokenize(z)
         tables, assign, _ = fit_model(_column_histograms(tokens), max_tables)
-        rans = _rans.encode(tokens, assign, tables, lanes)
+        if coder == "ans":
+            coded = _ans.encode(tokens, assign, tables)
+        else:
+            coded = _rans.encode(tokens, assign, tables, lanes)
         _, raw, width = escape_split(z.reshape(-1)[escapes])
-        stream = np.concatenate([rans, pack_bits(raw, width)])
+        stream = np.concatenate([coded, pack_bits(raw, width)])
         model = serialize_model(tables, assign)
-        n_tables, rans_nbytes, n_escapes = len(tables), rans.size, escapes.size
+        n_tables, coded_nbytes, n_escapes = len(tables), coded.size, escapes.size
     metadata: dict[str, Any] = {
         "codec": CODEC,
         "format_version": FORMAT_VERSION,
+        "coder": coder,
         "shape": [a, n],
         "precision_bits": PRECISION,
         "lanes": lanes,
         "n_tables": n_tables,
-        "rans_nbytes": int(rans_nbytes),
-        "escape_nbytes": int(stream.size - rans_nbytes),
+        "coded_nbytes": int(coded_nbytes),
+        "escape_nbytes": int(stream.size - coded_nbytes),
         "n_escapes": int(n_escapes),
         "stream_nbytes": int(stream.size),
         "model_nbytes": int(model.size),
@@ -241,14 +264,18 @@ def _check_metadata(meta: Mapping[str, Any], name: str) -> None:
         bad.append("crc32")
     if bad:
         raise ValueError(f"{name}: metadata has missing or invalid fields {bad}")
+    if meta.get("coder") not in CODERS:
+        raise ValueError(f"{name}: metadata coder is {meta.get('coder')!r}, expected one of "
+                         f"{CODERS}")
     if meta["precision_bits"] != PRECISION:
         raise ValueError(f"{name}: precision_bits {meta['precision_bits']} is not supported "
                          f"(format {FORMAT_VERSION} uses {PRECISION})")
     total = shape[0] * shape[1]
-    if total and not (1 <= meta["lanes"] <= total and 1 <= meta["n_tables"] <= MAX_TABLES):
+    lanes_ok = meta["lanes"] == 0 if meta["coder"] == "ans" else 1 <= meta["lanes"] <= total
+    if total and not (lanes_ok and 1 <= meta["n_tables"] <= MAX_TABLES):
         raise ValueError(f"{name}: metadata lanes={meta['lanes']} / n_tables={meta['n_tables']} "
                          f"are impossible for shape {list(shape)}")
-    if meta["rans_nbytes"] + meta["escape_nbytes"] != meta["stream_nbytes"]:
+    if meta["coded_nbytes"] + meta["escape_nbytes"] != meta["stream_nbytes"]:
         raise ValueError(f"{name}: metadata stream lengths do not add up")
 
 
@@ -291,9 +318,12 @@ def decode_codes(enc: EncodedCodes, *, name: str = "codes") -> torch.Tensor:
         return torch.zeros((a, n), dtype=torch.int32)
     try:
         tables, assign = parse_model(model, meta["n_tables"], n)
-        rans = stream[: meta["rans_nbytes"]]
-        tokens = _rans.decode(rans, (a, n), assign, tables, meta["lanes"])
-        _apply_escapes(tokens.reshape(a, n), tables, assign, stream[meta["rans_nbytes"]:],
+        coded = stream[: meta["coded_nbytes"]]
+        if meta["coder"] == "ans":
+            tokens = _ans.decode(coded, (a, n), assign, tables)
+        else:
+            tokens = _rans.decode(coded, (a, n), assign, tables, meta["lanes"])
+        _apply_escapes(tokens.reshape(a, n), tables, assign, stream[meta["coded_nbytes"]:],
                        meta["n_escapes"])
     except ValueError as err:
         raise ValueError(f"{name}: entropy-coded codes do not decode: {err}") from err
@@ -303,22 +333,31 @@ def decode_codes(enc: EncodedCodes, *, name: str = "codes") -> torch.Tensor:
 def _apply_escapes(
     out: np.ndarray, tables: list, assign: np.ndarray, raw_bytes: np.ndarray, n_escapes: int
 ) -> None:
-    """Replace escape tokens in ``out`` (a, n) in place by their full values."""
+    """Replace escape tokens in ``out`` (a, n) in place by their full values.
+
+    Only tables whose range reaches past ±31 can produce escape tokens, so only their columns
+    are scanned when they are few; otherwise the whole matrix is scanned in one pass.
+    """
+    a, n = out.shape
     has_escape = np.array([t.lo < -DIRECT_MAX or t.hi > DIRECT_MAX for t in tables])
     cols = np.flatnonzero(has_escape[assign])
     if cols.size == 0:
-        found = 0
+        rows = col_idx = np.zeros(0, dtype=np.int64)
+    elif 4 * cols.size <= n:
+        sub = out[:, cols]
+        rows, sub_cols = np.nonzero((sub + DIRECT_MAX).view(np.uint32) > 2 * DIRECT_MAX)
+        col_idx = cols[sub_cols]
     else:
-        sub = out[:, cols] if cols.size < out.shape[1] else out
-        rows, sub_cols = np.nonzero((sub > DIRECT_MAX) | (sub < -DIRECT_MAX))
-        found = rows.size
+        # (t + 31) as uint32 exceeds 62 exactly when |t| > 31; flat order is row-major.
+        flat = np.flatnonzero((out.reshape(-1) + DIRECT_MAX).view(np.uint32) > 2 * DIRECT_MAX)
+        rows, col_idx = np.divmod(flat, n)
+    found = rows.size
     if found != n_escapes:
         raise ValueError(f"found {found} escape codes, metadata says {n_escapes}")
     if found == 0:
         if raw_bytes.size:
             raise ValueError("escape bytes present but no escape codes")
         return
-    col_idx = cols[sub_cols]
     tok = out[rows, col_idx]
     widths = escape_widths(tok)
     if raw_bytes.size != packed_nbytes(widths):
