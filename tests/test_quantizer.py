@@ -31,8 +31,8 @@ def _ids(n: int, length: int, seed: int) -> list[torch.Tensor]:
 EVAL_IDS = torch.stack(_ids(2, 16, seed=123))
 
 
-def _count(model) -> tuple[int, int]:
-    n_q = sum(isinstance(m, WaterSICLinear) for m in model.modules())
+def _count(model, quantized_types: tuple[type, ...] = (WaterSICLinear,)) -> tuple[int, int]:
+    n_q = sum(isinstance(m, quantized_types) for m in model.modules())
     n_lin = sum(type(m) is torch.nn.Linear for m in model.modules())
     return n_q, n_lin
 
@@ -116,6 +116,12 @@ def test_quantize_on_load_other_families(tmp_path, family, tie, skip, expected):
 def test_conversion_count_on_meta_skeleton(quantized):
     from accelerate import init_empty_weights
 
+    from watersic_hf.storage.checkpoint import WaterSICEncodedLinear
+
+    # Entropy-stored layers (the default) are WaterSICEncodedLinear placeholders until their streams
+    # are decoded after loading; packed layers are WaterSICLinear from the start.
+    skeleton_types = (WaterSICLinear, WaterSICEncodedLinear)
+
     layers = quantized["model"].config.quantization_config.layers
     for keep in (None, ["mlp"]):
         cfg = WaterSICConfig.from_dict(quantized["model"].config.quantization_config.to_dict())
@@ -125,7 +131,7 @@ def test_conversion_count_on_meta_skeleton(quantized):
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(tiny_config("llama"))
         hf_quantizer.preprocess_model(skeleton)
-        n_q, n_lin = _count(skeleton)
+        n_q, n_lin = _count(skeleton, skeleton_types)
         assert n_q == len(cfg.layers) and n_q + n_lin == 15
         assert all(p.device.type == "meta" for p in skeleton.parameters())
     # Quantize mode on meta: only the skip list is computed (defaults + the user's).

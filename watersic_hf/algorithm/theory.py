@@ -48,10 +48,9 @@ def reverse_waterfilling_rate(distortion: float, variances: torch.Tensor) -> flo
         raise ValueError(f"distortion={distortion} must be > 0")
     if distortion >= float(v.mean()):
         return 0.0
-    # D(θ) is increasing in θ; bisect in log space (θ may be many decades below max v).
-    lo, hi = math.log(float(v.min()) * 1e-30 + 1e-300), math.log(float(v.max()))
-    if _distortion(math.exp(lo), v) > distortion:
-        lo = math.log(distortion) - 1.0
+    # D(θ) is increasing in θ and D(θ) ≤ θ, so the water level lies in [D, max v]; bisect in
+    # log space (θ may be many decades below max v).
+    lo, hi = math.log(distortion), math.log(float(v.max()))
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if _distortion(math.exp(mid), v) < distortion:
@@ -73,7 +72,7 @@ def reverse_waterfilling_distortion(rate: float, variances: torch.Tensor) -> flo
         raise ValueError(f"rate={rate} must be >= 0")
     if rate == 0:
         return float(v.mean())
-    # R(θ) is decreasing in θ; at θ = GM(v)·2^{-2R}·(min v/GM) all components are active.
+    # R(θ) is decreasing in θ; R(min v · 2^{-2R}) ≥ R and R(max v) = 0 bracket the level.
     hi = math.log(float(v.max()))
     lo = math.log(float(v.min())) - 2.0 * rate * math.log(2.0) - 1.0
     for _ in range(200):

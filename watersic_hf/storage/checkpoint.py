@@ -20,7 +20,6 @@ from torch import nn
 
 from .. import packing
 from .codec import (
-    FORMAT_VERSION,
     EncodedCodes,
     decode_codes,
     encode_codes,
@@ -94,14 +93,18 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
         ``(state_dict, metadata)``: ``state_dict`` is ``None`` for packed storage (transformers
         then saves ``model.state_dict()`` as is); for entropy storage the packed code tensors
         of each quantized layer are replaced by ``<name>.codes_stream`` / ``<name>.codes_model``
-        (uint8, 1-D). ``metadata`` is a str→str dict for the safetensors header.
+        (uint8, 1-D). ``metadata`` (safetensors header) is empty, see the comment below.
     """
     from ..nn import WaterSICLinear
     from ..report import report as make_report
 
     storage = str(getattr(cfg, "storage", "entropy"))
     modules = {n: m for n, m in model.named_modules() if isinstance(m, WaterSICLinear)}
-    header = {"watersic_format_version": str(FORMAT_VERSION), "watersic_storage": storage}
+    # No extra safetensors header keys: safetensors keeps the header metadata in a hash map whose
+    # order changes from process to process, so more than transformers' own {"format": "pt"}
+    # would make two saves of the same model differ byte for byte. config.json carries the
+    # storage and format version instead.
+    header: dict[str, str] = {}
     targets = _config_targets(model, cfg)
     state: dict[str, torch.Tensor] | None = None
     if storage == "entropy":
