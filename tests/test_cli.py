@@ -124,6 +124,8 @@ def quantized(tmp_path_factory, tiny_llama_dir, calib_file):
         "4",
         "--seqlen",
         "32",
+        "--damp",
+        "0.05",
         "--eval",
         "--eval-text",
         str(calib_file),
@@ -148,6 +150,7 @@ def test_quantize_tiny_model(quantized, capsys):
     assert (
         config["quant_method"] == "watersic" and config["nsamples"] == 4 and config["seqlen"] == 32
     )
+    assert config["damp"] == 0.05
     assert summary["layers"] == len(config["layers"]) == 14  # 7 Linears per block, lm_head kept
     assert summary["achieved_bits"] == pytest.approx(config["achieved_bits"])
     assert abs(summary["achieved_bits"] - 3.0) < 0.1

@@ -318,6 +318,13 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         help="tokens per calibration window (default 2048 on cuda, 512 on cpu)",
     )
     p.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help="relative damping of the input statistics (default: the method's, 1e-4 for "
+        "watersic); with fewer than ~16k calibration tokens use 0.01-0.1, or 1e-4 over-fits",
+    )
+    p.add_argument(
         "--device",
         default="auto",
         help="calibration device: auto, cuda, cuda:N or cpu (default auto)",
@@ -429,6 +436,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         device=device,
         seed=args.seed,
         storage=args.storage,
+        damp=args.damp,
     )
     summary: dict[str, Any] = {
         "model": "default (SmolLM2-135M-Instruct)" if is_default else model_src,
