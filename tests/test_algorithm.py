@@ -23,18 +23,8 @@ from watersic_hf.algorithm import (
 from watersic_hf.algorithm._scales import fp16_balance
 from watersic_hf.algorithm.stats import transformed_target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module with one intra-op thread.
-
-    The tests are many small tensor operations; on shared CI cores extra threads only add
-    barrier waits (measured: 85 s with 2 threads vs 13 s with 1 at load average 11).
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small tensor operations: run this module with one intra-op thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotated_sigma(n: int, decades: float, seed: int) -> torch.Tensor:

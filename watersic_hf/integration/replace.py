@@ -61,6 +61,42 @@ def quantizable_linears(
     return found
 
 
+def skeleton_dtype(
+    model: nn.Module, name: str, meta: dict[str, Any], replaced: type[nn.Module]
+) -> torch.dtype | None:
+    """Check the Linear ``name`` that a checkpoint's layer entry ``meta`` will replace.
+
+    Shared by the skeleton builders of both storage modes.
+
+    Returns:
+        the float dtype for the replacement module's bias, or ``None`` when ``name`` already is a
+        ``replaced`` module (nothing to do).
+
+    Raises:
+        ValueError: the module is missing, not an ``nn.Linear``, or its shape differs from
+            ``meta["in"]`` / ``meta["out"]``.
+    """
+    try:
+        old = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(
+            f"the checkpoint's quantization_config lists {name!r}, which this model does not "
+            "have; the config.json and the model class do not match"
+        ) from err
+    if isinstance(old, replaced):
+        return None
+    if not isinstance(old, nn.Linear):
+        raise ValueError(
+            f"{name} is a {type(old).__name__}, expected nn.Linear to swap for {replaced.__name__}"
+        )
+    if (old.in_features, old.out_features) != (meta["in"], meta["out"]):
+        raise ValueError(
+            f"{name}: the checkpoint has shape (out={meta['out']}, in={meta['in']}) but the "
+            f"model has (out={old.out_features}, in={old.in_features})"
+        )
+    return old.weight.dtype if old.weight.is_floating_point() else torch.float32
+
+
 def build_skeleton(
     model: nn.Module, layers: dict[str, dict[str, Any]], *, backend: str | None
 ) -> int:
@@ -82,25 +118,9 @@ def build_skeleton(
 
     count = 0
     for name, meta in layers.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(
-                f"the checkpoint's quantization_config lists {name!r}, which this model does not "
-                "have; the config.json and the model class do not match"
-            ) from err
-        if isinstance(old, WaterSICLinear):
+        dtype = skeleton_dtype(model, name, meta, WaterSICLinear)
+        if dtype is None:
             continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(
-                f"{name} is a {type(old).__name__}, expected nn.Linear to swap for WaterSICLinear"
-            )
-        if (old.in_features, old.out_features) != (meta["in"], meta["out"]):
-            raise ValueError(
-                f"{name}: the checkpoint has shape (out={meta['out']}, in={meta['in']}) but the "
-                f"model has (out={old.out_features}, in={old.in_features})"
-            )
-        dtype = old.weight.dtype if old.weight.is_floating_point() else torch.float32
         new = WaterSICLinear(
             meta["in"],
             meta["out"],

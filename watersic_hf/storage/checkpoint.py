@@ -199,7 +199,7 @@ def build_encoded_skeleton(model: nn.Module, layers: dict[str, dict[str, Any]]) 
         ValueError: a listed module is missing, not a Linear, has another shape, or its entry
             lacks the ``"entropy"`` metadata.
     """
-    from ..integration.replace import set_submodule
+    from ..integration.replace import set_submodule, skeleton_dtype
 
     count = 0
     for name, meta in layers.items():
@@ -210,23 +210,9 @@ def build_encoded_skeleton(model: nn.Module, layers: dict[str, dict[str, Any]]) 
                 f"{name}: quantization_config.layers[{name!r}] says storage='entropy' but has no "
                 "'entropy' metadata; the config.json is incomplete"
             )
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(
-                f"the checkpoint's quantization_config lists {name!r}, which this model does not "
-                "have; the config.json and the model class do not match"
-            ) from err
-        if isinstance(old, WaterSICEncodedLinear):
+        dtype = skeleton_dtype(model, name, meta, WaterSICEncodedLinear)
+        if dtype is None:
             continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"{name} is a {type(old).__name__}, expected nn.Linear")
-        if (old.in_features, old.out_features) != (meta["in"], meta["out"]):
-            raise ValueError(
-                f"{name}: the checkpoint has shape (out={meta['out']}, in={meta['in']}) but the "
-                f"model has (out={old.out_features}, in={old.in_features})"
-            )
-        dtype = old.weight.dtype if old.weight.is_floating_point() else torch.float32
         set_submodule(model, name, WaterSICEncodedLinear(meta, dtype=dtype, device="meta"))
         count += 1
     return count
