@@ -37,7 +37,13 @@ setup(
         "huggingface_hub",
         "numpy",
         "tqdm",
-        "constriction>=0.4",
+        # compiled CPU loops (codec, packer): a JIT with prebuilt wheels, no compiler needed
+        "numba>=0.60",
+        # XXH3-64 checksums of every checkpoint tensor
+        "xxhash>=3.0",
+        # decodes the "ans" streams of format-1 checkpoints only; pinned because its float-to-
+        # fixed-point conversion defines those streams (format 2 decodes from integer tables)
+        "constriction==0.5.0",
     ],
     extras_require={
         "triton": ["triton>=3.0"],

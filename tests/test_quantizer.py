@@ -116,11 +116,12 @@ def test_quantize_on_load_other_families(tmp_path, family, tie, skip, expected):
 def test_conversion_count_on_meta_skeleton(quantized):
     from accelerate import init_empty_weights
 
-    from watersic_hf.storage.checkpoint import WaterSICEncodedLinear
+    from watersic_hf.storage.checkpoint import WaterSICCheckpointLinear
 
-    # Entropy-stored layers (the default) are WaterSICEncodedLinear placeholders until their streams
-    # are decoded after loading; packed layers are WaterSICLinear from the start.
-    skeleton_types = (WaterSICLinear, WaterSICEncodedLinear)
+    # Format 2: every stored layer is a WaterSICCheckpointLinear placeholder until the after-hook
+    # checks its manifest and builds the WaterSICLinear.
+    skeleton_types = (WaterSICLinear, WaterSICCheckpointLinear)
+    files = [str(quantized["dir"] / "model.safetensors")]
 
     layers = quantized["model"].config.quantization_config.layers
     for keep in (None, ["mlp"]):
@@ -130,7 +131,7 @@ def test_conversion_count_on_meta_skeleton(quantized):
         hf_quantizer = WaterSICHfQuantizer(cfg, pre_quantized=True)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(tiny_config("llama"))
-        hf_quantizer.preprocess_model(skeleton)
+        hf_quantizer.preprocess_model(skeleton, checkpoint_files=files)
         n_q, n_lin = _count(skeleton, skeleton_types)
         assert n_q == len(cfg.layers) and n_q + n_lin == 15
         assert all(p.device.type == "meta" for p in skeleton.parameters())
@@ -161,30 +162,38 @@ def test_saved_config_and_tensors(quantized):
     with safe_open(quantized["dir"] / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor(f"{name}.weight_col_scale").dtype == torch.float16
-    assert f"{name}.weight" not in keys and f"{name}.weight_col_scale" in keys
+        manifest = f.get_tensor(f"{name}.weight")
+    # `<layer>.weight` is the layer's manifest: 1-D uint8, so it can never load into nn.Linear
+    assert manifest.dtype == torch.uint8 and manifest.dim() == 1
+    assert json.loads(bytes(manifest.tolist()))["layout"] == entry["layout"]
+    assert f"{name}.weight_col_scale" in keys
     assert "lm_head.weight" in keys
 
 
 def test_reload_in_fresh_process_gives_identical_logits(quantized, tmp_path):
-    # One fresh process: first without `import watersic_hf` (documents the foot-gun: transformers
-    # only warns and loads random Linear weights), then with it (exact logits).
+    # One fresh process: first without the plugin registered (plain transformers must refuse the
+    # files, never build random Linear weights), then with `import watersic_hf` (exact logits).
     out = tmp_path / "logits.pt"
     torch.save(EVAL_IDS, tmp_path / "ids.pt")
     result = _run_python(f"""
-        import torch
+        import torch, transformers
         from transformers import AutoModelForCausalLM
+        transformers.logging.set_verbosity_error()  # silence must not hide the failure
         path = {str(quantized["dir"])!r}
-        m = AutoModelForCausalLM.from_pretrained(path)
-        print("without:", type(m.model.layers[0].mlp.down_proj).__name__)
+        try:
+            AutoModelForCausalLM.from_pretrained(path)
+            print("without: loaded")
+        except Exception as err:
+            print("without: refused", type(err).__name__, "ignore_mismatched_sizes" in str(err))
         import watersic_hf
         m = AutoModelForCausalLM.from_pretrained(path)
         print("with:", type(m.model.layers[0].mlp.down_proj).__name__)
         with torch.no_grad():
             torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(out)!r})
-    """)
+    """, WATERSIC_NO_AUTOREGISTER="1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "without: Linear" in result.stdout and "with: WaterSICLinear" in result.stdout
-    assert "watersic" in result.stderr.lower()  # transformers' "Unknown quantization type" warning
+    assert "without: refused RuntimeError True" in result.stdout, result.stdout
+    assert "with: WaterSICLinear" in result.stdout
     torch.testing.assert_close(torch.load(out), quantized["logits"], rtol=0, atol=0)
 
 

@@ -90,13 +90,20 @@ def test_entropy_checkpoint_stores_streams_not_packed_codes(saved):
     name = "model.layers.0.self_attn.q_proj"
     assert f"{name}.codes_stream" in keys and f"{name}.codes_model" in keys
     assert f"{name}.weight_col_scale" in keys and f"{name}.weight_row_scale" in keys
-    assert not any(k.endswith(tuple(CODE_TENSOR_NAMES)) for k in keys)
+    # format 2 keeps the packing layout chosen at quantization time, not the packed words
+    layout_keys = ("weight_perm", "weight_group_meta")
+    assert f"{name}.weight_perm" in keys and f"{name}.weight_group_meta" in keys
+    stored_words = tuple(n for n in CODE_TENSOR_NAMES if n not in layout_keys)
+    assert not any(k.endswith(stored_words) for k in keys)
     packed_keys = _keys(dirs["packed"])
     assert f"{name}.weight_packed" in packed_keys
     assert not any(k.endswith("codes_stream") for k in packed_keys)
     qc = json.load(open(os.path.join(dirs["entropy"], "config.json")))["quantization_config"]
+    assert qc["format_version"] == 2
     assert qc["layers"][name]["storage"] == "entropy"
-    assert set(qc["layers"][name]["entropy"]["crc32"]) == {"stream", "model"}
+    assert set(qc["layers"][name]["entropy"]["xxh3_64"]) == {"stream", "model"}
+    # every tensor of the file has a checksum, and nothing else does
+    assert set(qc["checksums"]["tensors"]) == set(keys)
     assert qc["report"]["bits_on_disk"] > 0 and "layers" not in qc["report"]
     qp = json.load(open(os.path.join(dirs["packed"], "config.json")))["quantization_config"]
     assert qp["layers"][name]["storage"] == "packed" and "entropy" not in qp["layers"][name]

@@ -96,10 +96,12 @@ def test_round_trip(case: str, coder: str) -> None:
     assert enc.metadata["coder"] == coder
 
 
-def test_default_coder_depends_on_size() -> None:
+def test_default_coder_is_format_2_segments() -> None:
     small = encode_codes(torch.zeros(64, 64, dtype=torch.int32))
-    assert small.metadata["coder"] == "ans" and small.metadata["lanes"] == 0
-    assert encode_codes(torch.zeros(8, 8, dtype=torch.int32), lanes=2).metadata["coder"] == "rans"
+    assert small.metadata["coder"] == "segments" and small.metadata["format_version"] == 2
+    # asking for lanes selects the format-1 rANS coder, which stays readable
+    v1 = encode_codes(torch.zeros(8, 8, dtype=torch.int32), lanes=2)
+    assert v1.metadata["coder"] == "rans" and v1.metadata["format_version"] == 1
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 7, 64, 300 * 77])

@@ -27,7 +27,7 @@ from ._version import __version__
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the checkpoint layout described by ``layers``; bumped on incompatible changes."""
 
 QUANT_METHOD = "watersic"
@@ -169,6 +169,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         watersic_version (`str`): version of watersic_hf that wrote the checkpoint.
         report (`dict`): rate summary written at save time (:func:`watersic_hf.report` without
             ``layers``): entropy, on-disk, in-memory and accounted bits per weight.
+        checksums (`dict`): ``{"algorithm": "xxh3_64", "tensors": {name: digest}}`` of every
+            tensor in the saved files (format version 2), verified when the checkpoint loads.
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         watersic_version: str | None = None,
         report: dict[str, Any] | None = None,
+        checksums: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -239,6 +242,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.watersic_version = watersic_version
         self.report = dict(report) if report else None
+        self.checksums = dict(checksums) if checksums else None
         # Keys written by a newer watersic_hf: keep them (so a re-save does not drop them) but say
         # so.
         self._unknown = dict(kwargs)

@@ -105,23 +105,32 @@ class WaterSICHfQuantizer(HfQuantizer):
             )
         )
         if self.pre_quantized:
-            from .integration.replace import build_skeleton
-
             if not cfg.layers:
                 raise ValueError(
                     "this checkpoint's quantization_config (quant_method='watersic') lists no "
                     "quantized layers; the config.json is incomplete or was not written by "
                     "watersic_hf"
                 )
-            from .storage.checkpoint import build_encoded_skeleton, layer_storage
+            from .storage.checkpoint import (
+                build_checkpoint_skeleton,
+                layer_storage,
+                verify_checkpoint,
+            )
 
-            packed_layers = {
-                n: m for n, m in cfg.layers.items() if layer_storage(m) != "entropy"
-            }
-            count = build_skeleton(model, packed_layers, backend=cfg.backend)
-            count += build_encoded_skeleton(model, cfg.layers)
+            if cfg.format_version >= 2:
+                # Every byte of the files is checked before any of it reaches the model.
+                verify_checkpoint(cfg, kwargs.get("checkpoint_files"))
+                count = build_checkpoint_skeleton(model, cfg.layers, version=cfg.format_version)
+            else:
+                from .integration.replace import build_skeleton
+
+                packed_layers = {
+                    n: m for n, m in cfg.layers.items() if layer_storage(m) != "entropy"
+                }
+                count = build_skeleton(model, packed_layers, backend=cfg.backend)
+                count += build_checkpoint_skeleton(model, cfg.layers, version=1)
             logger.info(
-                "WaterSIC: %d Linear modules replaced by WaterSICLinear before loading", count
+                "WaterSIC: %d Linear modules replaced by loading placeholders", count
             )
         return model
 
@@ -130,14 +139,15 @@ class WaterSICHfQuantizer(HfQuantizer):
 
         cfg = self.quantization_config
         if self.pre_quantized:
-            from .storage.checkpoint import decode_loaded_model
+            from .storage.checkpoint import materialize_loaded_model
 
-            # Entropy-stored layers: streams -> codes -> WaterSICLinear (CRC-checked).
-            decode_loaded_model(model, backend=cfg.backend)
+            # Placeholders -> WaterSICLinear: manifests and layouts checked, streams decoded.
+            materialize_loaded_model(model, backend=cfg.backend)
             # The v5 loader wraps loaded float tensors as Parameters with requires_grad=True.
             for module in model.modules():
                 if isinstance(module, WaterSICLinear):
                     module.requires_grad_(False)
+                    module.finish_loading()
                     if cfg.backend is not None:
                         module.backend = cfg.backend
             return _with_model_card(model)

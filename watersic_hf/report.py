@@ -59,7 +59,7 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
     """
     from .nn import WaterSICLinear
     from .storage import codec
-    from .storage.checkpoint import code_tensor_names, encoded_module
+    from .storage.encoding import code_tensor_names, encoded_module, stored_codes
 
     cfg = _quant_config(model)
     cfg_layers = _get(cfg, "layers", {}) or {}
@@ -73,7 +73,8 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
         meta = cfg_layers.get(name, {})
         n_in, n_out = module.in_features, module.out_features
         weights = n_in * n_out
-        codes = module.codes().cpu()
+        # stored (permuted) order: every statistic below is invariant to the column order
+        codes = torch.from_numpy(stored_codes(module))
         live = _live(codes, int(meta.get("dead_columns", 0) or 0))
         entropy = codec.pooled_entropy_bits(live) * live.shape[1] / n_in
         per_col = codec.per_column_entropy_bits(codes)

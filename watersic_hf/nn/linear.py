@@ -111,6 +111,9 @@ class WaterSICLinear(nn.Module):
             self.bias = _frozen(torch.zeros(self.out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        # backs the `weight` property: follows .to(dtype / device), never saved
+        self.register_buffer("_weight_view", torch.zeros((), dtype=dtype, device=device),
+                             persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -183,6 +186,60 @@ class WaterSICLinear(nn.Module):
             if bias is not None:
                 module.bias.copy_(bias.to(dtype))
         return module
+
+    @classmethod
+    def from_tensors(
+        cls,
+        in_features: int,
+        out_features: int,
+        layout: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+        *,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> WaterSICLinear:
+        """Build the module around existing tensors (no copy), e.g. those read from a file.
+
+        Args:
+            layout (`dict`): the layout the tensors follow (see `layout_metadata`).
+            tensors (`dict[str, torch.Tensor]`): every weight parameter (codes and both scales)
+                with the shape and dtype the layout prescribes; the caller has validated them.
+            bias (`torch.Tensor` of shape `(out,)`, *optional*).
+            device: where the tensors are (they are moved there if they are not).
+
+        Raises:
+            ValueError: a tensor is missing or has the wrong shape or dtype.
+        """
+        dtype = bias.dtype if bias is not None else torch.float32
+        module = cls(in_features, out_features, bias is not None, layout, dtype=dtype,
+                     device="meta", backend=backend)
+        for name, param in list(module.named_parameters(recurse=False)):
+            value = bias if name == "bias" else tensors.get(name)
+            if value is None:
+                raise ValueError(f"from_tensors: missing tensor {name!r}")
+            if value.shape != param.shape or value.dtype != param.dtype:
+                raise ValueError(
+                    f"from_tensors: {name} is {value.dtype} {tuple(value.shape)}, the layout "
+                    f"needs {param.dtype} {tuple(param.shape)}")
+            setattr(module, name, _frozen(value.detach().to(device)))
+        module._weight_view = torch.zeros((), dtype=dtype, device=device)
+        return module
+
+    def finish_loading(self) -> None:
+        """After a checkpoint was read into a meta skeleton: put the ``weight`` stand-in on the
+        device and dtype of the loaded tensors (it is never stored, so the loader skips it)."""
+        if self._weight_view.is_meta:
+            dtype = self.bias.dtype if self.bias is not None else self._weight_view.dtype
+            self._weight_view = torch.zeros((), dtype=dtype, device=self.weight_col_scale.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A read-only stand-in for ``nn.Linear.weight``: shape ``(out, in)``, the module's
+        compute dtype and device, and **no data** (an expanded zero). Model code that reads
+        ``module.weight.dtype`` / ``.device`` / ``.shape`` keeps working; the real weight is
+        ``dequantize().weight``."""
+        return self._weight_view.expand(self.out_features, self.in_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> WaterSICLinear:
         # model.to(torch.bfloat16) / .half() cast every float parameter; the scales are a

@@ -24,21 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _ans, _rans
+from . import _ans, _rans, _segments
 from ._bits import pack_bits, packed_nbytes, unpack_bits
 from ._model import MAX_TABLES, PRECISION, fit_model, parse_model, serialize_model
 from ._tokens import ALPHABET, DIRECT_MAX, MAX_TOKEN, escape_join, escape_split, escape_widths
 from ._tokens import tokenize as _tokenize
 
 CODEC = "watersic-entropy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SYMBOLS_PER_LANE = 4096
 MAX_LANES = 16384
 # Measured at 2 bits (docs/benchmarks.md, "Coder choice"): constriction's ANS decodes ~50 M
 # codes/s at any size; the lockstep rANS 6 at 576x576, 11 at 1536x576, 54 at 2048x2048 and 79
 # at 4096x4096, because each of its steps has a fixed NumPy-call cost.
 ANS_MAX_CODES = 1 << 22
-CODERS = ("ans", "rans")
+CODERS = ("ans", "rans", "segments")
+V1_CODERS = ("ans", "rans")
 TENSOR_NAMES = ("stream", "model")
 _META_INT_KEYS = (
     "lanes", "n_tables", "precision_bits", "coded_nbytes", "escape_nbytes", "n_escapes",
@@ -167,6 +169,23 @@ def _crc(data: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(data))) & 0xFFFFFFFF
 
 
+def _digest(data: np.ndarray) -> str:
+    from .checksum import digest_bytes
+
+    return digest_bytes(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def _check_digests(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], name: str) -> None:
+    for what, data in arrays.items():
+        if meta["format_version"] == 1:
+            ok = _crc(data) == meta["crc32"][what]
+        else:
+            ok = _digest(data) == meta["xxh3_64"][what]
+        if not ok:
+            raise ValueError(f"{name}: checksum mismatch in entropy-coded tensor '{what}' "
+                             "(the checkpoint file is corrupted)")
+
+
 def encode_codes(
     codes: torch.Tensor, *, name: str = "codes", coder: str | None = None,
     lanes: int | None = None, max_tables: int = MAX_TABLES,
@@ -178,10 +197,12 @@ def encode_codes(
             whose values fit int32). Any values are accepted, including ``±2**31``-range
             outliers, all-zero columns and ``a == 1`` or ``n == 1``.
         name (`str`, *optional*, defaults to `"codes"`): tensor name used in error messages.
-        coder (`str`, *optional*): ``"ans"`` or ``"rans"``; by default ``"ans"`` below
-            ``ANS_MAX_CODES`` (4 M) codes and ``"rans"`` above, the faster decoder in each range.
-        lanes (`int`, *optional*): number of interleaved lanes of the ``"rans"`` coder (default
-            :func:`default_lanes`). More lanes decode faster and cost 4 bytes each.
+        coder (`str`, *optional*, defaults to ``"segments"``): ``"segments"`` writes format
+            version 2 (segmented rANS, decoded in parallel by compiled code; what checkpoints
+            use). ``"ans"`` and ``"rans"`` write format version 1 (kept so that version-1 files
+            can be produced and tested).
+        lanes (`int`, *optional*): lanes of the version-1 ``"rans"`` coder (default
+            :func:`default_lanes`). Version 2 fixes its lanes from the shape.
         max_tables (`int`, *optional*, defaults to 64): most token tables the encoder may use
             (1 = one pooled table for the whole matrix; 1..64).
 
@@ -193,20 +214,23 @@ def encode_codes(
     a, n = z.shape
     total = a * n
     if coder is None:
-        coder = "ans" if total < ANS_MAX_CODES and lanes is None else "rans"
+        coder = "segments" if lanes is None else "rans"
     if coder not in CODERS:
         raise ValueError(f"{name}: coder must be one of {CODERS}, got {coder!r}")
+    if coder != "rans" and lanes is not None:
+        raise ValueError(f"{name}: lanes applies to coder='rans' only, got lanes={lanes!r}")
     if coder == "ans":
-        if lanes is not None:
-            raise ValueError(f"{name}: lanes applies to coder='rans' only, got lanes={lanes!r}")
         lanes = 0
-    elif lanes is None:
+    elif coder == "rans" and lanes is None:
         lanes = default_lanes(total)
-    elif not isinstance(lanes, int) or lanes < 1 or (total and lanes > total):
+    elif coder == "rans" and (not isinstance(lanes, int) or lanes < 1
+                              or (total and lanes > total)):
         raise ValueError(f"{name}: lanes must be an int in [1, {max(total, 1)}], got {lanes!r}")
     if not isinstance(max_tables, int) or not 1 <= max_tables <= MAX_TABLES:
         raise ValueError(f"{name}: max_tables must be an int in [1, {MAX_TABLES}], "
                          f"got {max_tables!r}")
+    if coder == "segments":
+        return _encode_v2(z, max_tables)
     if total == 0:
         stream = np.zeros(0, dtype=np.uint8)
         model = np.zeros(0, dtype=np.uint8)
@@ -226,7 +250,7 @@ def encode_codes(
         n_tables, coded_nbytes, n_escapes = len(tables), coded.size, escapes.size
     metadata: dict[str, Any] = {
         "codec": CODEC,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "coder": coder,
         "shape": [a, n],
         "precision_bits": PRECISION,
@@ -243,39 +267,93 @@ def encode_codes(
         stream=torch.from_numpy(stream), model=torch.from_numpy(model), metadata=metadata)
 
 
+def _encode_v2(z: np.ndarray, max_tables: int) -> EncodedCodes:
+    """Format version 2: segmented rANS (see ``_segments``)."""
+    a, n = z.shape
+    if a * n == 0:
+        stream = np.zeros(0, dtype=np.uint8)
+        model = np.zeros(0, dtype=np.uint8)
+        n_tables = coded_nbytes = n_escapes = header = 0
+    else:
+        tokens, hist = _segments.tokens_and_histograms(z)
+        escapes = np.flatnonzero(np.abs(tokens.reshape(-1)) > DIRECT_MAX)
+        tables, assign, _ = fit_model(hist, max_tables)
+        coded, seg_off = _segments.encode(tokens, assign, tables)
+        _, raw, width = escape_split(z.reshape(-1)[escapes])
+        esc_off = _segments.escape_offsets(escapes // n, width, a, n)
+        head = np.concatenate([seg_off, esc_off]).astype("<u4").view(np.uint8)
+        stream = np.concatenate([head, coded, pack_bits(raw, width)])
+        model = serialize_model(tables, assign)
+        n_tables, coded_nbytes, n_escapes = len(tables), coded.size, escapes.size
+        header = head.size
+    metadata: dict[str, Any] = {
+        "codec": CODEC,
+        "format_version": 2,
+        "coder": "segments",
+        "shape": [a, n],
+        "precision_bits": PRECISION,
+        "lanes": 0,
+        "segment_rows": _segments.segment_rows(n),
+        "n_tables": n_tables,
+        "header_nbytes": int(header),
+        "coded_nbytes": int(coded_nbytes),
+        "escape_nbytes": int(stream.size - coded_nbytes - header),
+        "n_escapes": int(n_escapes),
+        "stream_nbytes": int(stream.size),
+        "model_nbytes": int(model.size),
+        "xxh3_64": {"stream": _digest(stream), "model": _digest(model)},
+    }
+    return EncodedCodes(
+        stream=torch.from_numpy(stream), model=torch.from_numpy(model), metadata=metadata)
+
+
 def _check_metadata(meta: Mapping[str, Any], name: str) -> None:
     if not isinstance(meta, Mapping):
         raise TypeError(f"{name}: metadata must be a dict, got {type(meta).__name__}")
     if meta.get("codec") != CODEC:
         raise ValueError(f"{name}: metadata codec is {meta.get('codec')!r}, expected {CODEC!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
             f"{name}: entropy-coded codes have format_version {version!r}, but this version of "
-            f"watersic_hf reads format_version {FORMAT_VERSION}; install the watersic_hf "
-            "version that wrote the checkpoint, or re-quantize")
-    bad = [k for k in _META_INT_KEYS if not isinstance(meta.get(k), int) or meta[k] < 0]
+            f"watersic_hf reads format versions {list(READABLE_VERSIONS)}; install the "
+            "watersic_hf version that wrote the checkpoint, or re-quantize")
+    int_keys = _META_INT_KEYS + (("segment_rows", "header_nbytes") if version == 2 else ())
+    bad = [k for k in int_keys if not isinstance(meta.get(k), int) or meta[k] < 0]
     shape = meta.get("shape")
     if (not isinstance(shape, (list, tuple)) or len(shape) != 2
             or not all(isinstance(s, int) and s >= 0 for s in shape)):
         bad.append("shape")
-    crc = meta.get("crc32")
-    if not isinstance(crc, Mapping) or not all(isinstance(crc.get(k), int) for k in TENSOR_NAMES):
-        bad.append("crc32")
+    digest_key, digest_type = ("crc32", int) if version == 1 else ("xxh3_64", str)
+    digests = meta.get(digest_key)
+    if not isinstance(digests, Mapping) or not all(
+            isinstance(digests.get(k), digest_type) for k in TENSOR_NAMES):
+        bad.append(digest_key)
     if bad:
         raise ValueError(f"{name}: metadata has missing or invalid fields {bad}")
-    if meta.get("coder") not in CODERS:
+    coders = V1_CODERS if version == 1 else ("segments",)
+    if meta.get("coder") not in coders:
         raise ValueError(f"{name}: metadata coder is {meta.get('coder')!r}, expected one of "
-                         f"{CODERS}")
+                         f"{coders}")
     if meta["precision_bits"] != PRECISION:
         raise ValueError(f"{name}: precision_bits {meta['precision_bits']} is not supported "
-                         f"(format {FORMAT_VERSION} uses {PRECISION})")
+                         f"(the format uses {PRECISION})")
     total = shape[0] * shape[1]
-    lanes_ok = meta["lanes"] == 0 if meta["coder"] == "ans" else 1 <= meta["lanes"] <= total
+    if version == 1:
+        lanes_ok = meta["lanes"] == 0 if meta["coder"] == "ans" else 1 <= meta["lanes"] <= total
+        header = 0
+    else:
+        # The format fixes the segment size and lane counts, so a crafted header cannot make
+        # decoding take more than a bounded amount of work per code.
+        lanes_ok = meta["lanes"] == 0 and meta["segment_rows"] == _segments.segment_rows(shape[1])
+        header = _segments.header_nbytes(shape[0], shape[1]) if total else 0
+        if meta["header_nbytes"] != header:
+            raise ValueError(f"{name}: metadata header_nbytes={meta['header_nbytes']} is "
+                             f"impossible for shape {list(shape)} (expected {header})")
     if total and not (lanes_ok and 1 <= meta["n_tables"] <= MAX_TABLES):
         raise ValueError(f"{name}: metadata lanes={meta['lanes']} / n_tables={meta['n_tables']} "
                          f"are impossible for shape {list(shape)}")
-    if meta["coded_nbytes"] + meta["escape_nbytes"] != meta["stream_nbytes"]:
+    if header + meta["coded_nbytes"] + meta["escape_nbytes"] != meta["stream_nbytes"]:
         raise ValueError(f"{name}: metadata stream lengths do not add up")
 
 
@@ -290,13 +368,15 @@ def _tensor_bytes(t: Any, expected: int, what: str, name: str) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy())
 
 
-def decode_codes(enc: EncodedCodes, *, name: str = "codes") -> torch.Tensor:
+def decode_codes(enc: EncodedCodes, *, name: str = "codes", verify: bool = True) -> torch.Tensor:
     """Decode an [`EncodedCodes`] back to the exact code matrix.
 
     Args:
         enc ([`EncodedCodes`]): the output of :func:`encode_codes` (possibly rebuilt from a
             checkpoint with :meth:`EncodedCodes.from_tensors`).
         name (`str`, *optional*, defaults to `"codes"`): tensor name used in error messages.
+        verify (`bool`, *optional*, defaults to `True`): check the tensors' checksums from the
+            metadata (a checkpoint loader that already verified the file bytes skips this).
 
     Returns:
         `torch.Tensor` of shape `(a, n)`, int32, contiguous, on CPU.
@@ -310,14 +390,14 @@ def decode_codes(enc: EncodedCodes, *, name: str = "codes") -> torch.Tensor:
     a, n = (int(s) for s in meta["shape"])
     stream = _tensor_bytes(enc.stream, meta["stream_nbytes"], "stream", name)
     model = _tensor_bytes(enc.model, meta["model_nbytes"], "model", name)
-    for what, data in (("stream", stream), ("model", model)):
-        if _crc(data) != meta["crc32"][what]:
-            raise ValueError(f"{name}: checksum mismatch in entropy-coded tensor '{what}' "
-                             "(the checkpoint file is corrupted)")
+    if verify:
+        _check_digests(meta, {"stream": stream, "model": model}, name)
     if a * n == 0:
         return torch.zeros((a, n), dtype=torch.int32)
     try:
         tables, assign = parse_model(model, meta["n_tables"], n)
+        if meta["format_version"] == 2:
+            return torch.from_numpy(_decode_v2(stream, meta, tables, assign, a, n))
         coded = stream[: meta["coded_nbytes"]]
         if meta["coder"] == "ans":
             tokens = _ans.decode(coded, (a, n), assign, tables)
@@ -328,6 +408,70 @@ def decode_codes(enc: EncodedCodes, *, name: str = "codes") -> torch.Tensor:
     except ValueError as err:
         raise ValueError(f"{name}: entropy-coded codes do not decode: {err}") from err
     return torch.from_numpy(tokens.reshape(a, n))
+
+
+def decode_codes_on_device(enc: EncodedCodes, device: torch.device, *,
+                           name: str = "codes") -> torch.Tensor:
+    """Decode a format-2 [`EncodedCodes`] on a GPU with the Triton kernel.
+
+    Only the compressed bytes are copied to ``device`` (if they are not there already); the
+    small model (tables) is parsed on the CPU. The checksums are not checked here: a checkpoint
+    loader verifies the file bytes before loading.
+
+    Returns:
+        `torch.Tensor` of shape `(a, n)`, int32, on ``device``.
+
+    Raises:
+        ValueError: as :func:`decode_codes`; also for a format-1 stream.
+    """
+    meta = enc.metadata
+    _check_metadata(meta, name)
+    if meta["format_version"] != 2:
+        raise ValueError(f"{name}: only format-2 streams decode on the GPU")
+    a, n = (int(s) for s in meta["shape"])
+    if enc.stream.dim() != 1 or enc.stream.numel() != meta["stream_nbytes"]:
+        raise ValueError(f"{name}: entropy-coded tensor 'stream' has {enc.stream.numel()} bytes "
+                         f"but the metadata says {meta['stream_nbytes']}")
+    model = _tensor_bytes(enc.model, meta["model_nbytes"], "model", name)
+    if a * n == 0:
+        return torch.zeros((a, n), dtype=torch.int32, device=device)
+    header = meta["header_nbytes"]
+    head = _tensor_bytes(enc.stream[:header].cpu(), header, "stream", name)
+    try:
+        tables, assign = parse_model(model, meta["n_tables"], n)
+        seg_off, esc_off = _segment_header(head, meta, meta["stream_nbytes"] - header)
+        stream = enc.stream.to(device)
+        coded = stream[header: header + meta["coded_nbytes"]]
+        escapes = stream[header + meta["coded_nbytes"]:]
+        return _segments.decode_on_device(coded, seg_off, escapes, esc_off, (a, n), assign,
+                                          tables)
+    except ValueError as err:
+        raise ValueError(f"{name}: entropy-coded codes do not decode: {err}") from err
+
+
+def _segment_header(head: np.ndarray, meta: Mapping[str, Any],
+                    body_nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment byte offsets and escape bit offsets from a format-2 stream header, checked."""
+    n_seg = meta["header_nbytes"] // 8 - 1
+    offsets = head.view("<u4").astype(np.int64)
+    seg_off, esc_off = offsets[: n_seg + 1], offsets[n_seg + 1:]
+    coded_n = meta["coded_nbytes"]
+    esc_bytes = body_nbytes - coded_n
+    if (seg_off[0] != 0 or seg_off[-1] != coded_n or np.any(np.diff(seg_off) < 0)
+            or esc_off[0] != 0 or -(-int(esc_off[-1]) // 8) != esc_bytes
+            or np.any(np.diff(esc_off) < 0)):
+        raise ValueError("the segment header is inconsistent with the stream lengths")
+    return seg_off, esc_off
+
+
+def _decode_v2(stream: np.ndarray, meta: Mapping[str, Any], tables: list, assign: np.ndarray,
+               a: int, n: int) -> np.ndarray:
+    header = meta["header_nbytes"]
+    coded_n = meta["coded_nbytes"]
+    seg_off, esc_off = _segment_header(stream[:header], meta, stream.size - header)
+    escapes = stream[header + coded_n:]
+    coded = stream[header: header + coded_n]
+    return _segments.decode(coded, seg_off, escapes, esc_off, (a, n), assign, tables)
 
 
 def _apply_escapes(
