@@ -38,7 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+
+from . import _packing_jit as _jit
 
 __all__ = [
     "CODE_TENSOR_NAMES",
@@ -49,6 +52,8 @@ __all__ = [
     "MAX_WIDTH",
     "PackedCodes",
     "pack_codes",
+    "pack_with_layout",
+    "permuted_codes",
     "param_specs",
     "unpack_codes",
 ]
@@ -279,6 +284,10 @@ def _choose_group(vals: torch.Tensor, n_chunks: int) -> tuple[int, int, bool]:
 def pack_codes(codes: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> PackedCodes:
     """Pack integer codes into the ``"packed"`` format.
 
+    The column order is computed with torch; every group's width search and the packing run in
+    compiled loops (``_packing_jit``), in parallel over groups and row chunks. The result is
+    byte-identical to :func:`_pack_codes_reference`, the plain-torch twin.
+
     Args:
         codes (`torch.Tensor` of shape `(N, K)`, integer): codes with ``|code| <= 2^29 - 1``.
         group_size (`int`, *optional*, defaults to 32): columns per width group (only 32 in
@@ -290,17 +299,70 @@ def pack_codes(codes: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Pac
     Raises:
         ValueError: bad shape or group size, or a code outside ``±(2^29 - 1)``.
     """
+    _check_codes(codes, group_size)
+    device = codes.device
+    codes = codes.to(torch.int32)
+    n_rows, n_cols = codes.shape
+    n_groups = _cdiv(n_cols, group_size)
+    n_chunks = _cdiv(n_rows, ESCAPE_CHUNK)
+    perm = _column_order(codes)
+    zp = np.ascontiguousarray(codes[:, perm].cpu().numpy())
+    meta = np.zeros((n_groups, META_FIELDS), dtype=np.int64)
+    _jit.choose_groups(zp, n_chunks, meta)
+    widths = meta[:, META_WIDTH]
+    meta[:, META_OFFSET] = np.cumsum(widths) - widths
+    esc = meta[:, META_ESC_SLOT] > 0
+    meta[:, META_ESC_SLOT] = np.where(esc, np.cumsum(esc) - 1, -1)
+    esc_words = np.where(esc, -(-(meta[:, META_ESC_OFFSET] * meta[:, META_ESC_WIDTH]) // 32), 0)
+    meta[:, META_ESC_OFFSET] = np.where(esc, np.cumsum(esc_words) - esc_words, 0)
+    meta[~esc, META_ESC_WIDTH] = 0
+    meta[~esc, META_ESC_LO] = 0
+    layout = {
+        "format": "packed",
+        "version": FORMAT_VERSION,
+        "group_size": group_size,
+        "escape_chunk": ESCAPE_CHUNK,
+        "words": int(widths.sum()),
+        "escape_words": int(esc_words.sum()),
+        "escape_groups": int(esc.sum()),
+    }
+    tensors = pack_with_layout(zp, meta, layout, name="codes")
+    tensors["weight_group_meta"] = torch.from_numpy(meta.astype(np.int32))
+    tensors["weight_perm"] = perm.to(torch.int32).cpu()
+    tensors = {name: tensors[name].to(device) for name in CODE_TENSOR_NAMES}
+    return PackedCodes(layout=layout, tensors=tensors)
+
+
+def _check_codes(codes: torch.Tensor, group_size: int) -> None:
     if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
         raise ValueError(f"codes must be a non-empty (out, in) matrix; got {tuple(codes.shape)}.")
     if group_size != DEFAULT_GROUP_SIZE:
         raise ValueError(f"group_size={group_size}: format version 1 supports only 32.")
-    device = codes.device
     biggest = max(-int(codes.min()), int(codes.max()))  # no abs(): int32 abs overflows at -2^31
     if biggest > MAX_ABS_CODE:
         raise ValueError(
             f"a code has magnitude {biggest} > {MAX_ABS_CODE}; the packed format cannot hold "
             "it. Use WaterSICLinear.from_quantized(..., format='plain')."
         )
+
+
+def _pack_codes_reference(codes: torch.Tensor,
+                          group_size: int = DEFAULT_GROUP_SIZE) -> PackedCodes:
+    """Plain-torch twin of :func:`pack_codes` (the test oracle): a Python loop over groups.
+
+    Args:
+        codes (`torch.Tensor` of shape `(N, K)`, integer): codes with ``|code| <= 2^29 - 1``.
+        group_size (`int`, *optional*, defaults to 32): columns per width group (only 32 in
+            format version 1).
+
+    Returns:
+        `PackedCodes` with tensors on the device of ``codes``.
+
+    Raises:
+        ValueError: bad shape or group size, or a code outside ``±(2^29 - 1)``.
+    """
+    _check_codes(codes, group_size)
+    device = codes.device
     codes = codes.to(torch.int32)
     n_rows, n_cols = codes.shape
     n_groups = _cdiv(n_cols, group_size)
@@ -425,4 +487,86 @@ def unpack_codes(
         codes[g * gs + k, n] = torch.where(z >= mg[:, META_LO], z + inner_g, z)
     out = torch.empty(out_features, in_features, dtype=torch.int32, device=device)
     out[:, perm] = codes[:in_features].t().to(torch.int32)
+    return out
+
+
+# ---------------------------------------------------------------------------- compiled paths
+def pack_with_layout(
+    codes: np.ndarray, meta: np.ndarray, layout: dict[str, Any], *, name: str
+) -> dict[str, torch.Tensor]:
+    """Pack codes (permuted column order) with a validated stored layout, on the CPU.
+
+    Args:
+        codes (`np.ndarray` of shape `(N, K)`, int32): codes, column ``p`` = original column
+            ``perm[p]``.
+        meta (`np.ndarray` of shape `(NG, 8)`, int64): from :func:`validate_layout`.
+        layout (`dict`): the layer's layout entry.
+        name (`str`): module name for messages.
+
+    Returns:
+        ``weight_packed`` `(W, N)`, ``weight_escape_packed`` `(WE,)` and ``weight_escape_base``
+        `(NGE, NC)`, int32 CPU tensors.
+
+    Raises:
+        ValueError: a code does not fit the layout, or the stored escape offsets / largest
+            magnitudes disagree with the codes (corrupted or crafted file).
+    """
+    n_rows, k = codes.shape
+    n_chunks = _cdiv(n_rows, ESCAPE_CHUNK)
+    n_slots = int(layout["escape_groups"])
+    counts = np.zeros((n_slots, n_chunks), dtype=np.int64)
+    if n_slots:
+        _jit.count_escapes(codes, meta, counts)
+    base, slot_start, slot_rows = _escape_plan(counts, meta, layout, name)
+    packed = np.zeros((int(layout["words"]), n_rows), dtype=np.uint32)
+    esc_vals = np.zeros(int(slot_start[-1]), dtype=np.int64)
+    maxabs = np.zeros((n_chunks, meta.shape[0]), dtype=np.int64)
+    errors = np.zeros(n_chunks, dtype=np.int64)
+    _jit.pack_words(codes, meta, base, slot_start, packed, esc_vals, maxabs, errors)
+    if errors.any():
+        raise ValueError(f"{name}: {_jit.ERRORS[int(errors[errors != 0][0])]}")
+    if not np.array_equal(maxabs.max(axis=0), meta[:, META_MAXABS]):
+        raise ValueError(f"{name}.weight_group_meta: the stored largest |code| per group does "
+                         "not match the codes (corrupted or crafted file)")
+    esc_words = np.zeros(int(layout["escape_words"]), dtype=np.uint32)
+    if n_slots:
+        err = _jit.pack_escape_fields(esc_vals, slot_start, meta[slot_rows, META_ESC_WIDTH],
+                                      meta[slot_rows, META_ESC_OFFSET], esc_words)
+        if err:
+            raise ValueError(f"{name}: {_jit.ERRORS[int(err)]}")
+    return {
+        "weight_packed": torch.from_numpy(packed.view(np.int32)),
+        "weight_escape_packed": torch.from_numpy(esc_words.view(np.int32)),
+        "weight_escape_base": torch.from_numpy(base.astype(np.int32)),
+    }
+
+
+def _escape_plan(
+    counts: np.ndarray, meta: np.ndarray, layout: dict[str, Any], name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Escape bases per chunk, first escape of each slot, and the group of each slot; checks
+    that the stored escape word offsets are exactly what the escape counts need."""
+    slot_rows = np.flatnonzero(meta[:, META_ESC_SLOT] >= 0)
+    totals = counts.sum(axis=1)
+    base = np.cumsum(counts, axis=1) - counts
+    slot_start = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
+    need = -(-(totals * meta[slot_rows, META_ESC_WIDTH]) // 32)
+    offsets = np.cumsum(need) - need
+    if (not np.array_equal(offsets, meta[slot_rows, META_ESC_OFFSET])
+            or int(need.sum()) != layout["escape_words"]):
+        raise ValueError(f"{name}: the escape stream sizes in weight_group_meta do not match "
+                         "the codes (corrupted or crafted file)")
+    return base, slot_start, slot_rows
+
+
+def permuted_codes(tensors: dict[str, torch.Tensor], in_features: int,
+                   out_features: int) -> np.ndarray:
+    """Codes of a packed module in permuted column order, ``(N, K)`` int32 (compiled unpack;
+    what a save encodes, so the stream is written in the order a loader packs it)."""
+    meta = tensors["weight_group_meta"].detach().cpu().numpy().astype(np.int64)
+    out = np.empty((out_features, in_features), dtype=np.int32)
+    _jit.unpack_words(
+        np.ascontiguousarray(tensors["weight_packed"].detach().cpu().numpy()), meta,
+        np.ascontiguousarray(tensors["weight_escape_packed"].detach().cpu().numpy()),
+        tensors["weight_escape_base"].detach().cpu().numpy().astype(np.int64), out)
     return out

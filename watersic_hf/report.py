@@ -48,8 +48,9 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
         * ``entropy_bits``: pooled plug-in entropy of the codes over the live (non-dead) columns,
           as the algorithm counts it, scaled to all weights of the layer;
         * ``entropy_bits_per_column``: mean per-column plug-in entropy of the codes;
-        * ``bits_on_disk``: entropy storage: (stream + model bytes + 2 bytes per row scale + 2
-          per column scale) × 8 ÷ weights; packed storage: bytes of the packed code tensors and
+        * ``bits_on_disk``: entropy storage: (stream + model bytes + the stored packing layout,
+          i.e. permutation and group table, + 2 bytes per row scale + 2 per column scale) × 8 ÷
+          weights; packed storage: bytes of the packed code tensors and
           the scales × 8 ÷ weights. The bias is excluded in both cases;
         * ``bits_in_memory``: ``WaterSICLinear.bits_in_memory`` (packed tensors + scales);
         * ``rate_bits``: the calibration's accounted rate ``layers[name]["bits"]`` when known,
@@ -59,7 +60,12 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
     """
     from .nn import WaterSICLinear
     from .storage import codec
-    from .storage.encoding import code_tensor_names, encoded_module, stored_codes
+    from .storage.encoding import (
+        LAYOUT_TENSORS,
+        code_tensor_names,
+        encoded_module,
+        stored_codes,
+    )
 
     cfg = _quant_config(model)
     cfg_layers = _get(cfg, "layers", {}) or {}
@@ -86,7 +92,10 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
             else:
                 enc = encoded_module(module, name)
                 stream_bytes = int(enc.stream.numel() + enc.model.numel())
-            disk = 8.0 * (stream_bytes + scale_bytes) / weights
+            # format 2 also stores the packing layout (permutation and group table)
+            layout_bytes = sum(getattr(module, n).numel() * 4 for n in LAYOUT_TENSORS
+                               if module.format == "packed")
+            disk = 8.0 * (stream_bytes + layout_bytes + scale_bytes) / weights
         else:
             packed = sum(getattr(module, n).numel() * getattr(module, n).element_size()
                          for n in code_tensor_names(module))

@@ -111,9 +111,9 @@ class WaterSICLinear(nn.Module):
             self.bias = _frozen(torch.zeros(self.out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        # backs the `weight` property: follows .to(dtype / device), never saved
-        self.register_buffer("_weight_view", torch.zeros((), dtype=dtype, device=device),
-                             persistent=False)
+        # backs the `weight` property; a plain attribute (never saved, not a buffer) that
+        # `_apply` moves and casts like a float parameter
+        self._weight_view = torch.zeros((), dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -247,6 +247,7 @@ class WaterSICLinear(nn.Module):
         # instead of being rounded to bf16
         old = {name: getattr(self, name).data for name in _SCALE_NAMES}
         super()._apply(fn, recurse)
+        self._weight_view = fn(self._weight_view)
         for name, data in old.items():
             param = getattr(self, name)
             if param.dtype != torch.float16:

@@ -27,6 +27,7 @@ TOTAL = 1 << PRECISION
 STATE_LOW = 1 << 16
 DIRECT_MAX = 31
 FIRST_OCTAVE = 5
+MAX_LANES = 64  # lanes per segment (``_segments.MAX_SEGMENT_LANES``)
 
 # status codes written by the compiled loops (see ``ERRORS``)
 OK, E_SHORT, E_LONG, E_STATE, E_ESCAPE, E_RANGE, E_HEADER = 0, 1, 2, 3, 4, 5, 6
@@ -115,10 +116,25 @@ def rans_decode_segments(
     out: np.ndarray,  # (N, K) int32: codes in permuted column order (output)
     errors: np.ndarray,  # (S,) int64 (output)
 ) -> None:
-    """Decode every segment's tokens and escapes into codes; bounded work per code."""
+    """Decode every segment's tokens and escapes into codes; bounded work per code.
+
+    The inner step is branch-free except for the rare escape: the next word is always read (the
+    word stream is padded) and only consumed when the state needs it.
+    """
     n_rows, k = out.shape
     n_seg = seg_lanes.shape[0]
     total_bits = (esc_bits.shape[0] - 8) * 8
+    flat = out.reshape(-1)
+    # 16-bit words at every even offset (segments start at even offsets). A step may read up to
+    # one word per lane past its segment before the end-of-step check; the slack keeps those
+    # reads inside the array (the format caps lanes at MAX_LANES).
+    n_words = coded.shape[0] // 2
+    words = np.zeros(n_words + 2 + MAX_LANES, dtype=np.uint32)
+    for j in range(n_words):
+        words[j] = np.uint32(coded[2 * j]) | (np.uint32(coded[2 * j + 1]) << np.uint32(8))
+    col_base = np.empty(k, dtype=np.int64)
+    for c in range(k):
+        col_base[c] = col_table[c] << PRECISION
     for s in prange(n_seg):
         r0 = s * seg_rows
         rows = min(seg_rows, n_rows - r0)
@@ -126,43 +142,38 @@ def rans_decode_segments(
         lanes = seg_lanes[s]
         p0 = seg_off[s]
         end = seg_off[s + 1]
-        if p0 + 4 * lanes > end or (end - p0 - 4 * lanes) % 2 != 0:
+        if p0 + 4 * lanes > end or (end - p0) % 2 != 0 or p0 % 2 != 0:
             errors[s] = E_HEADER
             continue
-        x = np.empty(lanes, dtype=np.uint32)
-        for lane in range(lanes):
-            q = p0 + 4 * lane
-            x[lane] = (np.uint32(coded[q]) | (np.uint32(coded[q + 1]) << np.uint32(8))
-                       | (np.uint32(coded[q + 2]) << np.uint32(16))
-                       | (np.uint32(coded[q + 3]) << np.uint32(24)))
-        wp = p0 + 4 * lanes
         ebit = esc_off[s]
         ebit_end = esc_off[s + 1]
         if ebit < 0 or ebit_end > total_bits or ebit > ebit_end:
             errors[s] = E_HEADER
             continue
+        x = np.empty(lanes, dtype=np.uint32)
+        for lane in range(lanes):
+            q = (p0 >> 1) + 2 * lane
+            x[lane] = words[q] | (words[q + 1] << np.uint32(16))
+        wp = (p0 >> 1) + 2 * lanes
+        w_end = end >> 1
         err = OK
-        row = r0
         col = 0
+        o = r0 * k
         steps = (t_sym + lanes - 1) // lanes
         for step in range(steps):
             r = min(lanes, t_sym - step * lanes)
             for lane in range(r):
                 xl = x[lane]
-                slot = (col_table[col] << PRECISION) + (xl & np.uint32(TOTAL - 1))
+                slot = col_base[col] + (xl & np.uint32(TOTAL - 1))
                 tok = np.int32(sym[slot])
                 ent = fb[slot]
                 xl = ((ent >> np.uint32(16)) * (xl >> np.uint32(PRECISION))
                       + (ent & np.uint32(0xFFFF)))
-                if xl < np.uint32(STATE_LOW):
-                    if wp + 2 > end:
-                        err = E_SHORT
-                        break
-                    xl = (xl << np.uint32(16)) | np.uint32(coded[wp]) | (
-                        np.uint32(coded[wp + 1]) << np.uint32(8))
-                    wp += 2
+                need = np.uint32(xl < np.uint32(STATE_LOW))
+                xl = (xl << (need << np.uint32(4))) | (words[wp] & (np.uint32(0) - need))
+                wp += need
                 x[lane] = xl
-                code = tok
+                flat[o] = tok
                 if tok > DIRECT_MAX or tok < -DIRECT_MAX:
                     m = abs(tok) - (DIRECT_MAX + 1)
                     octave = (m >> 1) + FIRST_OCTAVE
@@ -181,16 +192,18 @@ def rans_decode_segments(
                     if mag > 2147483647 + (1 if tok < 0 else 0):
                         err = E_ESCAPE
                         break
-                    code = np.int32(-mag if tok < 0 else mag)
-                out[row, col] = code
+                    flat[o] = np.int32(-mag if tok < 0 else mag)
+                o += 1
                 col += 1
                 if col == k:
                     col = 0
-                    row += 1
             if err != OK:
                 break
+            if wp > w_end:
+                err = E_SHORT
+                break
         if err == OK:
-            if wp != end:
+            if wp != w_end:
                 err = E_LONG
             elif ebit != ebit_end:
                 err = E_ESCAPE
@@ -199,155 +212,6 @@ def rans_decode_segments(
                     if x[lane] != np.uint32(STATE_LOW):
                         err = E_STATE
         errors[s] = err
-
-
-# ---------------------------------------------------------------------------- layout packer
-@njit(cache=True, nogil=True, parallel=True)
-def count_escapes(
-    codes: np.ndarray,  # (N, K) int32, permuted column order
-    meta: np.ndarray,  # (NG, 8) int64: group metadata (packing.META_* fields)
-    counts: np.ndarray,  # (NGE, NC) int64 (output): escapes of each slot in each 32-row chunk
-) -> None:
-    """Count the codes of every escape group that fall outside its main range, per row chunk."""
-    n_rows, k = codes.shape
-    n_chunks = counts.shape[1]
-    for c in prange(n_chunks):
-        for g in range(meta.shape[0]):
-            slot = meta[g, 3]
-            if slot < 0:
-                continue
-            lo = meta[g, 2]
-            inner = (np.int64(1) << meta[g, 0]) - 1
-            n = 0
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
-                for p in range(g * 32, min(k, g * 32 + 32)):
-                    u = np.int64(codes[r, p]) - lo
-                    if u < 0 or u >= inner:
-                        n += 1
-            counts[slot, c] = n
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def pack_words(
-    codes: np.ndarray,  # (N, K) int32, permuted column order
-    meta: np.ndarray,  # (NG, 8) int64
-    escape_base: np.ndarray,  # (NGE, NC) int64: escapes before each chunk, per slot
-    slot_start: np.ndarray,  # (NGE,) int64: first index of each slot's escapes in ``esc_vals``
-    packed: np.ndarray,  # (W, N) uint32 (output)
-    esc_vals: np.ndarray,  # (total escapes,) int64 (output): escape fields t, per slot in order
-    maxabs: np.ndarray,  # (NC, NG) int64 (output): largest |code| of each group in each chunk
-    errors: np.ndarray,  # (NC,) int64 (output)
-) -> None:
-    """Write the main stream of every group and collect escape fields (see packing.py)."""
-    n_rows, k = codes.shape
-    n_chunks = errors.shape[0]
-    for c in prange(n_chunks):
-        err = OK
-        for g in range(meta.shape[0]):
-            b = meta[g, 0]
-            woff = meta[g, 1]
-            lo = meta[g, 2]
-            slot = meta[g, 3]
-            e = meta[g, 4]
-            elo = meta[g, 5]
-            inner = (np.int64(1) << b) - 1 if slot >= 0 else (np.int64(1) << b)
-            nxt = 0
-            if slot >= 0:
-                nxt = slot_start[slot] + escape_base[slot, c]
-            biggest = np.int64(0)
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
-                acc = np.uint64(0)
-                nbits = 0
-                w = woff
-                for q in range(32):
-                    p = g * 32 + q
-                    u = np.int64(0)
-                    if p < k:
-                        z = np.int64(codes[r, p])
-                        biggest = max(biggest, abs(z))
-                        u = z - lo
-                        if u < 0 or u >= inner:
-                            if slot < 0:
-                                err = E_RANGE
-                                u = 0
-                            else:
-                                t = z - elo if z < lo else z - elo - inner
-                                if t < 0 or t >= (np.int64(1) << e):
-                                    err = E_RANGE
-                                elif nxt >= esc_vals.shape[0]:
-                                    err = E_RANGE
-                                else:
-                                    esc_vals[nxt] = t
-                                    nxt += 1
-                                u = inner
-                    acc |= np.uint64(u) << np.uint64(nbits)
-                    nbits += b
-                    while nbits >= 32:
-                        packed[w, r] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-                        acc >>= np.uint64(32)
-                        nbits -= 32
-                        w += 1
-            maxabs[c, g] = biggest
-        errors[c] = err
-
-
-@njit(cache=True, nogil=True)
-def pack_escape_fields(
-    esc_vals: np.ndarray,  # (total,) int64
-    slot_start: np.ndarray,  # (NGE + 1,) int64
-    slot_width: np.ndarray,  # (NGE,) int64
-    slot_word: np.ndarray,  # (NGE,) int64: first word of each slot's field stream
-    out: np.ndarray,  # (WE,) uint32 (output, zero-filled)
-) -> int:
-    """Lay every slot's escape fields end to end from its first word; returns 0 or E_RANGE."""
-    for s in range(slot_width.shape[0]):
-        e = slot_width[s]
-        bit = slot_word[s] * 32
-        for i in range(slot_start[s], slot_start[s + 1]):
-            v = np.uint64(esc_vals[i])
-            j = bit >> 5
-            sh = bit & 31
-            if e > 0:
-                if j >= out.shape[0] or (sh + e > 32 and j + 1 >= out.shape[0]):
-                    return E_RANGE
-                out[j] |= np.uint32((v << np.uint64(sh)) & np.uint64(0xFFFFFFFF))
-                if sh + e > 32:
-                    out[j + 1] |= np.uint32(v >> np.uint64(32 - sh))
-            bit += e
-    return OK
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def count_markers(
-    packed: np.ndarray,  # (W, N) int32
-    meta: np.ndarray,  # (NG, 8) int64
-    k: int,
-    counts: np.ndarray,  # (NGE, NC) int64 (output)
-) -> None:
-    """Count the escape markers of every escape group per 32-row chunk (validates packed files)."""
-    n_rows = packed.shape[1]
-    n_chunks = counts.shape[1]
-    for c in prange(n_chunks):
-        for g in range(meta.shape[0]):
-            slot = meta[g, 3]
-            if slot < 0:
-                continue
-            b = meta[g, 0]
-            woff = meta[g, 1]
-            marker = (np.uint64(1) << np.uint64(b)) - np.uint64(1)
-            n = 0
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
-                for q in range(min(32, k - g * 32)):
-                    bit = q * b
-                    j = woff + (bit >> 5)
-                    lo_w = np.uint64(np.uint32(packed[j, r]))
-                    hi_w = np.uint64(0)
-                    if (bit & 31) + b > 32:
-                        hi_w = np.uint64(np.uint32(packed[j + 1, r]))
-                    u = ((lo_w | (hi_w << np.uint64(32))) >> np.uint64(bit & 31)) & marker
-                    if u == marker:
-                        n += 1
-            counts[slot, c] = n
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -388,58 +252,3 @@ def tokenize_histogram(
                 t = _token(np.int64(codes[r, c]))
                 tokens[r, c] = t
                 hist[part, c, t + center] += 1
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def unpack_words(
-    packed: np.ndarray,  # (W, N) int32
-    meta: np.ndarray,  # (NG, 8) int64
-    esc_words: np.ndarray,  # (WE,) int32
-    escape_base: np.ndarray,  # (NGE, NC) int64
-    out: np.ndarray,  # (N, K) int32 (output): codes in permuted column order
-) -> None:
-    """Decode a packed module's codes in permuted column order (the inverse of
-    :func:`pack_words`); the caller has validated the tensors."""
-    n_rows, k = out.shape
-    n_chunks = (n_rows + 31) // 32
-    for c in prange(n_chunks):
-        for g in range(meta.shape[0]):
-            b = meta[g, 0]
-            woff = meta[g, 1]
-            lo = meta[g, 2]
-            slot = meta[g, 3]
-            e = meta[g, 4]
-            elo = meta[g, 5]
-            eoff = meta[g, 6]
-            mask = (np.uint64(1) << np.uint64(b)) - np.uint64(1)
-            inner = (np.int64(1) << b) - 1
-            nxt = np.int64(0)
-            if slot >= 0:
-                nxt = escape_base[slot, c]
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
-                for q in range(min(32, k - g * 32)):
-                    bit = q * b
-                    j = woff + (bit >> 5)
-                    u = np.uint64(0)
-                    if b > 0:
-                        lo_w = np.uint64(np.uint32(packed[j, r]))
-                        hi_w = np.uint64(0)
-                        if (bit & 31) + b > 32:
-                            hi_w = np.uint64(np.uint32(packed[j + 1, r]))
-                        u = ((lo_w | (hi_w << np.uint64(32))) >> np.uint64(bit & 31)) & mask
-                    z = lo + np.int64(u)
-                    if slot >= 0 and np.int64(u) == inner:
-                        pos = eoff * 32 + nxt * e
-                        t = np.int64(0)
-                        if e > 0:
-                            wj = pos >> 5
-                            w0 = np.uint64(np.uint32(esc_words[wj]))
-                            w1 = np.uint64(0)
-                            if (pos & 31) + e > 32:
-                                w1 = np.uint64(np.uint32(esc_words[wj + 1]))
-                            t = np.int64(((w0 | (w1 << np.uint64(32))) >> np.uint64(pos & 31))
-                                         & ((np.uint64(1) << np.uint64(e)) - np.uint64(1)))
-                        v = elo + t
-                        z = v if v < lo else v + inner
-                        nxt += 1
-                    out[r, g * 32 + q] = np.int32(z)

@@ -27,7 +27,7 @@ from ._tokens import ALPHABET
 
 SEGMENT_SYMBOLS = 1 << 18  # target codes per segment
 SYMBOLS_PER_LANE = 4096
-MAX_SEGMENT_LANES = 64
+MAX_SEGMENT_LANES = _jit.MAX_LANES
 
 
 def segment_rows(k: int) -> int:

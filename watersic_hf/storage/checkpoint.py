@@ -40,7 +40,7 @@ from .codec import (
     decode_codes_on_device,
     encoded_tensor_specs,
 )
-from .encoding import code_tensor_names, encoded_module
+from .encoding import LAYOUT_TENSORS, code_tensor_names, encoded_module
 from .layout import pack_with_layout, torch_pack_with_layout, validate_layout, validate_packed
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ CHECKPOINT_VERSION = 2
 STREAM_TENSOR_NAMES = ("codes_stream", "codes_model")
 """Per-layer tensor names of the entropy storage (suffixes after the module name)."""
 MANIFEST_KEY = "manifest_nbytes"
-_LAYOUT_TENSORS = ("weight_perm", "weight_group_meta")
 
 
 def layer_storage(meta: dict[str, Any]) -> str:
@@ -123,7 +122,7 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
         }
         if storage == "entropy":
             enc = encoded_module(module, name)
-            keep = _LAYOUT_TENSORS if module.format == "packed" else ()
+            keep = LAYOUT_TENSORS if module.format == "packed" else ()
             for pname in code_tensor_names(module):
                 if pname not in keep:
                     state.pop(f"{name}.{pname}", None)
@@ -252,7 +251,7 @@ class WaterSICCheckpointLinear(nn.Module):
             specs["codes_model"] = streams["model"]
             if version >= 2 and layout.get("format") == "packed":
                 packed = packing.param_specs(n_in, n_out, layout)
-                for pname in _LAYOUT_TENSORS:
+                for pname in LAYOUT_TENSORS:
                     specs[pname] = packed[pname]
         elif layout.get("format") == "plain":
             specs["weight_codes"] = ((n_out, n_in), torch.int32)

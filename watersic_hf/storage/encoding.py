@@ -16,7 +16,10 @@ from .. import packing
 from .codec import EncodedCodes, encode_codes
 from .layout import permuted_codes
 
-__all__ = ["code_tensor_names", "encoded_module", "stored_codes"]
+__all__ = ["LAYOUT_TENSORS", "code_tensor_names", "encoded_module", "stored_codes"]
+
+LAYOUT_TENSORS = ("weight_perm", "weight_group_meta")
+"""Packed-layout tensors that format-2 entropy checkpoints store beside the streams."""
 
 
 def code_tensor_names(module: nn.Module) -> tuple[str, ...]:

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _packing_jit as _jit
 from .. import packing
-from . import _jit
+from ..packing import _escape_plan, pack_with_layout, permuted_codes
 
 __all__ = [
     "pack_with_layout",
@@ -98,74 +99,6 @@ def validate_layout(
         if np.any(np.abs(m[:, field]) > bound):
             raise ValueError(f"{name}.weight_group_meta: field {field} exceeds ±{bound}")
     return m
-
-
-def pack_with_layout(
-    codes: np.ndarray, meta: np.ndarray, layout: dict[str, Any], *, name: str
-) -> dict[str, torch.Tensor]:
-    """Pack codes (permuted column order) with a validated stored layout, on the CPU.
-
-    Args:
-        codes (`np.ndarray` of shape `(N, K)`, int32): codes, column ``p`` = original column
-            ``perm[p]``.
-        meta (`np.ndarray` of shape `(NG, 8)`, int64): from :func:`validate_layout`.
-        layout (`dict`): the layer's layout entry.
-        name (`str`): module name for messages.
-
-    Returns:
-        ``weight_packed`` `(W, N)`, ``weight_escape_packed`` `(WE,)` and ``weight_escape_base``
-        `(NGE, NC)`, int32 CPU tensors.
-
-    Raises:
-        ValueError: a code does not fit the layout, or the stored escape offsets / largest
-            magnitudes disagree with the codes (corrupted or crafted file).
-    """
-    n_rows, k = codes.shape
-    n_chunks = _cdiv(n_rows, packing.ESCAPE_CHUNK)
-    n_slots = int(layout["escape_groups"])
-    counts = np.zeros((n_slots, n_chunks), dtype=np.int64)
-    if n_slots:
-        _jit.count_escapes(codes, meta, counts)
-    base, slot_start, slot_rows = _escape_plan(counts, meta, layout, name)
-    packed = np.zeros((int(layout["words"]), n_rows), dtype=np.uint32)
-    esc_vals = np.zeros(int(slot_start[-1]), dtype=np.int64)
-    maxabs = np.zeros((n_chunks, meta.shape[0]), dtype=np.int64)
-    errors = np.zeros(n_chunks, dtype=np.int64)
-    _jit.pack_words(codes, meta, base, slot_start, packed, esc_vals, maxabs, errors)
-    if errors.any():
-        raise ValueError(f"{name}: {_jit.ERRORS[int(errors[errors != 0][0])]}")
-    if not np.array_equal(maxabs.max(axis=0), meta[:, _M.META_MAXABS]):
-        raise ValueError(f"{name}.weight_group_meta: the stored largest |code| per group does "
-                         "not match the codes (corrupted or crafted file)")
-    esc_words = np.zeros(int(layout["escape_words"]), dtype=np.uint32)
-    if n_slots:
-        err = _jit.pack_escape_fields(esc_vals, slot_start, meta[slot_rows, _M.META_ESC_WIDTH],
-                                      meta[slot_rows, _M.META_ESC_OFFSET], esc_words)
-        if err:
-            raise ValueError(f"{name}: {_jit.ERRORS[int(err)]}")
-    return {
-        "weight_packed": torch.from_numpy(packed.view(np.int32)),
-        "weight_escape_packed": torch.from_numpy(esc_words.view(np.int32)),
-        "weight_escape_base": torch.from_numpy(base.astype(np.int32)),
-    }
-
-
-def _escape_plan(
-    counts: np.ndarray, meta: np.ndarray, layout: dict[str, Any], name: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Escape bases per chunk, first escape of each slot, and the group of each slot; checks
-    that the stored escape word offsets are exactly what the escape counts need."""
-    slot_rows = np.flatnonzero(meta[:, _M.META_ESC_SLOT] >= 0)
-    totals = counts.sum(axis=1)
-    base = np.cumsum(counts, axis=1) - counts
-    slot_start = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-    need = -(-(totals * meta[slot_rows, _M.META_ESC_WIDTH]) // 32)
-    offsets = np.cumsum(need) - need
-    if (not np.array_equal(offsets, meta[slot_rows, _M.META_ESC_OFFSET])
-            or int(need.sum()) != layout["escape_words"]):
-        raise ValueError(f"{name}: the escape stream sizes in weight_group_meta do not match "
-                         "the codes (corrupted or crafted file)")
-    return base, slot_start, slot_rows
 
 
 def torch_pack_with_layout(
@@ -290,16 +223,3 @@ def validate_packed(
     if not np.array_equal(stored, base):
         raise ValueError(f"{name}.weight_escape_base does not match the escape markers in "
                          "weight_packed (corrupted or crafted file)")
-
-
-def permuted_codes(tensors: dict[str, torch.Tensor], in_features: int,
-                   out_features: int) -> np.ndarray:
-    """Codes of a packed module in permuted column order, ``(N, K)`` int32 (compiled unpack;
-    what a save encodes, so the stream is written in the order a loader packs it)."""
-    meta = tensors["weight_group_meta"].detach().cpu().numpy().astype(np.int64)
-    out = np.empty((out_features, in_features), dtype=np.int32)
-    _jit.unpack_words(
-        np.ascontiguousarray(tensors["weight_packed"].detach().cpu().numpy()), meta,
-        np.ascontiguousarray(tensors["weight_escape_packed"].detach().cpu().numpy()),
-        tensors["weight_escape_base"].detach().cpu().numpy().astype(np.int64), out)
-    return out
