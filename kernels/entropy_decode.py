@@ -33,7 +33,7 @@ def _load_u8(ptr, offs, mask):
 
 @triton.jit
 def _decode_segments_kernel(
-    coded_ptr, seg_off_ptr, esc_ptr, esc_off_ptr, sym_ptr, fb_ptr, col_table_ptr, lanes_ptr,
+    coded_ptr, seg_off_ptr, esc_ptr, esc_off_ptr, table_ptr, col_table_ptr, lanes_ptr,
     out_ptr, err_ptr,
     n_rows, k, seg_rows, esc_total_bits,
     BLOCK_L: tl.constexpr,
@@ -65,9 +65,9 @@ def _decode_segments_kernel(
         col = i % k
         table = tl.load(col_table_ptr + col, mask=active, other=0).to(tl.int64)
         slot = (table << PRECISION) + (x & ((1 << PRECISION) - 1))
-        tok = tl.load(sym_ptr + slot, mask=active, other=0).to(tl.int64)
-        ent = tl.load(fb_ptr + slot, mask=active, other=0).to(tl.int64) & 0xFFFFFFFF
-        xn = (ent >> 16) * (x >> PRECISION) + (ent & 0xFFFF)
+        ent = tl.load(table_ptr + slot, mask=active, other=0).to(tl.int64) & 0xFFFFFFFF
+        tok = tl.where(active, (ent & 0xFF) - 128, 0)
+        xn = ((ent >> 20) + 1) * (x >> PRECISION) + ((ent >> 8) & 0xFFF)
         need = active & (xn < STATE_LOW)
         need_i = need.to(tl.int64)
         wpos = wp + 2 * (tl.cumsum(need_i, 0) - need_i)
@@ -111,8 +111,7 @@ def triton_decode_segments(
     seg_off: torch.Tensor,  # (S + 1,) int64
     escapes: torch.Tensor,  # (E + 8,) uint8, zero slack at the end
     esc_off: torch.Tensor,  # (S + 1,) int64
-    sym: torch.Tensor,  # (n_tables * 4096,) int8
-    fb: torch.Tensor,  # (n_tables * 4096,) int32 (the uint32 bits)
+    table: torch.Tensor,  # (n_tables * 4096,) int32: the uint32 entries of the slot table
     col_table: torch.Tensor,  # (K,) int32
     lanes: torch.Tensor,  # (S,) int32
     seg_rows: int,
@@ -133,7 +132,7 @@ def triton_decode_segments(
         return out, errors
     esc_total_bits = 8 * (escapes.numel() - 8)
     _decode_segments_kernel[(lanes.numel(),)](
-        coded, seg_off, escapes, esc_off, sym, fb, col_table, lanes, out, errors,
+        coded, seg_off, escapes, esc_off, table, col_table, lanes, out, errors,
         n_rows, k, seg_rows, esc_total_bits, BLOCK_L=MAX_LANES,
     )
     return out, errors

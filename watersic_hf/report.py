@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["report"]
@@ -22,14 +21,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, dict):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
-
-
-def _live(codes: torch.Tensor, n_dead: int) -> torch.Tensor:
-    # Dead columns are stored as all-zero codes and not counted by the algorithm's rate.
-    if n_dead <= 0:
-        return codes
-    keep = codes.ne(0).any(dim=0)
-    return codes[:, keep] if bool(keep.any()) else codes
 
 
 def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
@@ -59,12 +50,11 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
         * ``layers``: ``{name: {same keys}}`` per quantized layer.
     """
     from .nn import WaterSICLinear
-    from .storage import codec
     from .storage.encoding import (
-        LAYOUT_TENSORS,
+        code_statistics,
         code_tensor_names,
         encoded_module,
-        stored_codes,
+        stored_layout_nbytes,
     )
 
     cfg = _quant_config(model)
@@ -79,11 +69,8 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
         meta = cfg_layers.get(name, {})
         n_in, n_out = module.in_features, module.out_features
         weights = n_in * n_out
-        # stored (permuted) order: every statistic below is invariant to the column order
-        codes = torch.from_numpy(stored_codes(module))
-        live = _live(codes, int(meta.get("dead_columns", 0) or 0))
-        entropy = codec.pooled_entropy_bits(live) * live.shape[1] / n_in
-        per_col = codec.per_column_entropy_bits(codes)
+        pooled, per_col, n_live = code_statistics(module, int(meta.get("dead_columns", 0) or 0))
+        entropy = pooled * n_live / n_in
         scale_bytes = 2 * (n_in + n_out)
         if default_storage == "entropy":
             ent = meta.get("entropy") if meta.get("storage") == "entropy" else None
@@ -93,9 +80,7 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
                 enc = encoded_module(module, name)
                 stream_bytes = int(enc.stream.numel() + enc.model.numel())
             # format 2 also stores the packing layout (permutation and group table)
-            layout_bytes = sum(getattr(module, n).numel() * 4 for n in LAYOUT_TENSORS
-                               if module.format == "packed")
-            disk = 8.0 * (stream_bytes + layout_bytes + scale_bytes) / weights
+            disk = 8.0 * (stream_bytes + stored_layout_nbytes(module) + scale_bytes) / weights
         else:
             packed = sum(getattr(module, n).numel() * getattr(module, n).element_size()
                          for n in code_tensor_names(module))

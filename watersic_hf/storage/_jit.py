@@ -108,8 +108,7 @@ def rans_decode_segments(
     seg_off: np.ndarray,  # (S + 1,) int64: byte offsets of the segments in ``coded``
     esc_bits: np.ndarray,  # (E,) uint8: raw escape bits, LSB first, plus 8 zero bytes of slack
     esc_off: np.ndarray,  # (S + 1,) int64: bit offset of each segment's escapes
-    sym: np.ndarray,  # (n_tables * TOTAL,) int8: slot -> token
-    fb: np.ndarray,  # (n_tables * TOTAL,) uint32: slot -> freq << 16 | (slot - start)
+    table: np.ndarray,  # (n_tables * TOTAL,) uint32: see ``_segments.decoder_table``
     col_table: np.ndarray,  # (K,) int64: table of each (permuted) column
     seg_rows: int,
     seg_lanes: np.ndarray,  # (S,) int64
@@ -164,11 +163,10 @@ def rans_decode_segments(
             r = min(lanes, t_sym - step * lanes)
             for lane in range(r):
                 xl = x[lane]
-                slot = col_base[col] + (xl & np.uint32(TOTAL - 1))
-                tok = np.int32(sym[slot])
-                ent = fb[slot]
-                xl = ((ent >> np.uint32(16)) * (xl >> np.uint32(PRECISION))
-                      + (ent & np.uint32(0xFFFF)))
+                ent = table[col_base[col] + (xl & np.uint32(TOTAL - 1))]
+                tok = np.int32(ent & np.uint32(0xFF)) - 128
+                xl = (((ent >> np.uint32(20)) + np.uint32(1)) * (xl >> np.uint32(PRECISION))
+                      + ((ent >> np.uint32(8)) & np.uint32(0xFFF)))
                 need = np.uint32(xl < np.uint32(STATE_LOW))
                 xl = (xl << (need << np.uint32(4))) | (words[wp] & (np.uint32(0) - need))
                 wp += need
@@ -252,3 +250,68 @@ def tokenize_histogram(
                 t = _token(np.int64(codes[r, c]))
                 tokens[r, c] = t
                 hist[part, c, t + center] += 1
+
+
+# ---------------------------------------------------------------------------- statistics
+@njit(cache=True, nogil=True)
+def _entropy_of(values: np.ndarray, buf: np.ndarray) -> float:
+    """Plug-in entropy (bits) of ``values`` (int64); ``buf`` is scratch of at least ``values``'s
+    size. Counts with a histogram when the range is small, else with a sort."""
+    n = values.shape[0]
+    lo, hi = values.min(), values.max()
+    total = 0.0
+    if hi - lo < 4 * n + 64:
+        hist = np.zeros(hi - lo + 1, dtype=np.int64)
+        for i in range(n):
+            hist[values[i] - lo] += 1
+        for c in hist:
+            if c:
+                p = c / n
+                total -= p * np.log2(p)
+        return total
+    buf[:n] = np.sort(values)
+    run = 1
+    for i in range(1, n + 1):
+        if i < n and buf[i] == buf[i - 1]:
+            run += 1
+        else:
+            p = run / n
+            total -= p * np.log2(p)
+            run = 1
+    return total
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def code_statistics(codes: np.ndarray, live: np.ndarray) -> tuple:
+    """Entropies of a code matrix, as ``watersic_hf.algorithm.entropy`` defines them.
+
+    Args:
+        codes: ``(N, K)`` int32.
+        live: ``(K,)`` bool, the columns counted by the pooled entropy.
+
+    Returns:
+        ``(pooled, per_column)``: plug-in entropy (bits per code) of one histogram over the live
+        columns, and the mean over all columns of each column's own plug-in entropy.
+    """
+    n_rows, k = codes.shape
+    col_h = np.zeros(k, dtype=np.float64)
+    for c in prange(k):
+        vals = np.empty(n_rows, dtype=np.int64)
+        for r in range(n_rows):
+            vals[r] = codes[r, c]
+        col_h[c] = _entropy_of(vals, np.empty(n_rows, dtype=np.int64))
+    n_live = 0
+    for c in range(k):
+        if live[c]:
+            n_live += 1
+    pooled = 0.0
+    if n_live:
+        flat = np.empty(n_rows * n_live, dtype=np.int64)
+        j = 0
+        for r in range(n_rows):
+            for c in range(k):
+                if live[c]:
+                    flat[j] = codes[r, c]
+                    j += 1
+        pooled = _entropy_of(flat, np.empty(flat.shape[0], dtype=np.int64))
+    return pooled, col_h.mean()

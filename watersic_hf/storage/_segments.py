@@ -71,19 +71,19 @@ def _frequency_arrays(
     return freq, start, col_base
 
 
-def decoder_tables(tables: list[Table]) -> tuple[np.ndarray, np.ndarray]:
-    """Slot lookup tables: token (int8) and ``freq << 16 | (slot - start)`` (uint32), flat
-    ``(n_tables * TOTAL,)``; integer arithmetic only."""
+def decoder_table(tables: list[Table]) -> np.ndarray:
+    """Slot lookup table of the decoders, flat ``(n_tables * TOTAL,)`` uint32; integer arithmetic
+    only. Entry = ``(freq - 1) << 20 | (slot - start) << 8 | (token + 128)`` (12 + 12 + 8 bits),
+    so one load gives a step everything it needs."""
     n_tab = len(tables)
-    sym = np.empty((n_tab, TOTAL), dtype=np.int8)
-    fb = np.empty((n_tab, TOTAL), dtype=np.uint32)
+    table = np.empty((n_tab, TOTAL), dtype=np.uint32)
     slots = np.arange(TOTAL, dtype=np.int64)
     for g, t in enumerate(tables):
         f = t.frequencies()
         owner = np.repeat(np.arange(t.size), f)
-        sym[g] = owner + t.lo
-        fb[g] = ((f[owner] << 16) | (slots - (np.cumsum(f) - f)[owner])).astype(np.uint32)
-    return sym.reshape(-1), fb.reshape(-1)
+        bias = slots - (np.cumsum(f) - f)[owner]
+        table[g] = ((f[owner] - 1) << 20 | bias << 8 | (owner + t.lo + 128)).astype(np.uint32)
+    return table.reshape(-1)
 
 
 def encode(
@@ -147,13 +147,13 @@ def decode(
     """
     n_rows, k = shape
     lanes = segment_lanes(n_rows, k)
-    sym, fb = decoder_tables(tables)
+    table = decoder_table(tables)
     out = np.empty((n_rows, k), dtype=np.int32)
     errors = np.zeros(lanes.size, dtype=np.int64)
     slack = np.zeros(escapes.size + 8, dtype=np.uint8)
     slack[: escapes.size] = escapes
     _jit.rans_decode_segments(
-        coded, seg_off, slack, esc_off, sym, fb, column_table.astype(np.int64),
+        coded, seg_off, slack, esc_off, table, column_table.astype(np.int64),
         segment_rows(k), lanes, out, errors)
     bad = np.flatnonzero(errors)
     if bad.size:
@@ -166,7 +166,7 @@ __all__ = [
     "PRECISION",
     "decode",
     "decode_on_device",
-    "decoder_tables",
+    "decoder_table",
     "encode",
     "escape_offsets",
     "header_nbytes",
@@ -193,7 +193,7 @@ def decode_on_device(
     n_rows, k = shape
     device = coded.device
     lanes = segment_lanes(n_rows, k)
-    sym, fb = decoder_tables(tables)
+    table = decoder_table(tables)
     slack = torch.zeros(escapes.numel() + 8, dtype=torch.uint8, device=device)
     slack[: escapes.numel()] = escapes
 
@@ -202,7 +202,7 @@ def decode_on_device(
 
     out, errors = triton_decode_segments(
         coded.contiguous(), dev(seg_off, torch.int64), slack, dev(esc_off, torch.int64),
-        dev(sym, torch.int8), dev(fb.view(np.int32), torch.int32),
+        dev(table.view(np.int32), torch.int32),
         dev(column_table, torch.int32), dev(lanes, torch.int32), segment_rows(k), shape)
     errors = errors.cpu().numpy()
     bad = np.flatnonzero(errors)

@@ -40,7 +40,13 @@ from .codec import (
     decode_codes_on_device,
     encoded_tensor_specs,
 )
-from .encoding import LAYOUT_TENSORS, code_tensor_names, encoded_module
+from .encoding import (
+    LAYOUT_TENSORS,
+    code_tensor_names,
+    encoded_module,
+    prepare_layer,
+    stored_perm_dtype,
+)
 from .layout import pack_with_layout, torch_pack_with_layout, validate_layout, validate_packed
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,8 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
             "bias": module.bias is not None, "layout": module.layout_metadata(),
             "storage": storage,
         }
+        n_dead = int(cfg.layers.get(name, {}).get("dead_columns", 0) or 0)
+        prepare_layer(module, name, n_dead, entropy=storage == "entropy")
         if storage == "entropy":
             enc = encoded_module(module, name)
             keep = LAYOUT_TENSORS if module.format == "packed" else ()
@@ -128,6 +136,9 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
                     state.pop(f"{name}.{pname}", None)
             for pname, tensor in zip(STREAM_TENSOR_NAMES, (enc.stream, enc.model), strict=True):
                 state[f"{name}.{pname}"] = tensor
+            if module.format == "packed":
+                perm_dtype = stored_perm_dtype(module.in_features)
+                state[f"{name}.weight_perm"] = module.weight_perm.detach().to(perm_dtype)
             fields["entropy"] = dict(enc.metadata)
         entry: dict[str, Any] = {}
         for target in targets:
@@ -253,6 +264,7 @@ class WaterSICCheckpointLinear(nn.Module):
                 packed = packing.param_specs(n_in, n_out, layout)
                 for pname in LAYOUT_TENSORS:
                     specs[pname] = packed[pname]
+                specs["weight_perm"] = ((n_in,), stored_perm_dtype(n_in))
         elif layout.get("format") == "plain":
             specs["weight_codes"] = ((n_out, n_in), torch.int32)
         else:
@@ -354,8 +366,9 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
                              f"the layer (out={n_out}, in={n_in}); config.json is inconsistent")
         verify = module.version < 2  # format 2: the file bytes were verified before loading
         if module.version >= 2 and layout.get("format") == "packed":
-            meta_np = validate_layout(module.weight_perm, module.weight_group_meta, layout, n_in,
-                                      n_out, name=name)
+            perm = module.weight_perm.detach().to(torch.int32)
+            meta_np = validate_layout(perm, module.weight_group_meta, layout, n_in, n_out,
+                                      name=name)
             codes = _decode_gpu(enc, device, name)
             if codes is not None:
                 tensors = torch_pack_with_layout(codes, module.weight_group_meta, layout,
@@ -363,7 +376,7 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
             else:
                 codes_np = decode_codes(enc, name=f"{name}.codes_stream", verify=False).numpy()
                 tensors = pack_with_layout(codes_np, meta_np, layout, name=name)
-            tensors["weight_perm"] = module.weight_perm.detach()
+            tensors["weight_perm"] = perm
             tensors["weight_group_meta"] = module.weight_group_meta.detach()
         else:
             # format 1 (or plain layout): the codes are in the original column order
@@ -399,9 +412,10 @@ def materialize_loaded_model(model: nn.Module, *, backend: str | None = None) ->
     """
     from ..integration.replace import set_submodule
 
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, WaterSICCheckpointLinear)]
-    for name, module in targets:
+    # names only: holding the placeholders would keep every layer's streams alive to the end
+    targets = [n for n, m in model.named_modules() if isinstance(m, WaterSICCheckpointLinear)]
+    for name in targets:
+        module = model.get_submodule(name)
         missing = [p for p, t in module.named_parameters(recurse=False) if t.is_meta]
         if missing:
             raise ValueError(
