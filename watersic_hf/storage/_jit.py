@@ -281,6 +281,44 @@ def _entropy_of(values: np.ndarray, buf: np.ndarray) -> float:
     return total
 
 
+@njit(cache=True, nogil=True)
+def _block_entropies(codes: np.ndarray, c0: int, c1: int, out: np.ndarray) -> None:
+    """Plug-in entropy of columns ``c0..c1-1`` (a block, so that each row read is one cache
+    line): one pass for the ranges, one for histograms; a sort for a column whose range is
+    much wider than its row count."""
+    n_rows = codes.shape[0]
+    width = c1 - c0
+    lo = np.full(width, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(width, np.iinfo(np.int64).min, dtype=np.int64)
+    for r in range(n_rows):
+        for j in range(width):
+            v = np.int64(codes[r, c0 + j])
+            lo[j] = min(lo[j], v)
+            hi[j] = max(hi[j], v)
+    offsets = np.zeros(width + 1, dtype=np.int64)
+    for j in range(width):
+        span = hi[j] - lo[j] + 1
+        offsets[j + 1] = offsets[j] + (span if span <= 4 * n_rows + 64 else 0)
+    hist = np.zeros(offsets[width], dtype=np.int64)
+    for r in range(n_rows):
+        for j in range(width):
+            if offsets[j + 1] > offsets[j]:
+                hist[offsets[j] + codes[r, c0 + j] - lo[j]] += 1
+    for j in range(width):
+        if offsets[j + 1] > offsets[j]:
+            h = 0.0
+            for i in range(offsets[j], offsets[j + 1]):
+                if hist[i]:
+                    p = hist[i] / n_rows
+                    h -= p * np.log2(p)
+            out[c0 + j] = h
+        else:
+            vals = np.empty(n_rows, dtype=np.int64)
+            for r in range(n_rows):
+                vals[r] = codes[r, c0 + j]
+            out[c0 + j] = _entropy_of(vals, np.empty(n_rows, dtype=np.int64))
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def code_statistics(codes: np.ndarray, live: np.ndarray) -> tuple:
     """Entropies of a code matrix, as ``watersic_hf.algorithm.entropy`` defines them.
@@ -295,11 +333,9 @@ def code_statistics(codes: np.ndarray, live: np.ndarray) -> tuple:
     """
     n_rows, k = codes.shape
     col_h = np.zeros(k, dtype=np.float64)
-    for c in prange(k):
-        vals = np.empty(n_rows, dtype=np.int64)
-        for r in range(n_rows):
-            vals[r] = codes[r, c]
-        col_h[c] = _entropy_of(vals, np.empty(n_rows, dtype=np.int64))
+    n_blocks = (k + 15) // 16
+    for b in prange(n_blocks):
+        _block_entropies(codes, b * 16, min(k, b * 16 + 16), col_h)
     n_live = 0
     for c in range(k):
         if live[c]:
