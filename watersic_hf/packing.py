@@ -317,20 +317,24 @@ def pack_codes(codes: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Pac
     meta[:, META_ESC_OFFSET] = np.where(esc, np.cumsum(esc_words) - esc_words, 0)
     meta[~esc, META_ESC_WIDTH] = 0
     meta[~esc, META_ESC_LO] = 0
-    layout = {
-        "format": "packed",
-        "version": FORMAT_VERSION,
-        "group_size": group_size,
-        "escape_chunk": ESCAPE_CHUNK,
-        "words": int(widths.sum()),
-        "escape_words": int(esc_words.sum()),
-        "escape_groups": int(esc.sum()),
-    }
+    layout = _layout(group_size, int(widths.sum()), int(esc_words.sum()), int(esc.sum()))
     tensors = pack_with_layout(zp, meta, layout, name="codes")
     tensors["weight_group_meta"] = torch.from_numpy(meta.astype(np.int32))
     tensors["weight_perm"] = perm.to(torch.int32).cpu()
     tensors = {name: tensors[name].to(device) for name in CODE_TENSOR_NAMES}
     return PackedCodes(layout=layout, tensors=tensors)
+
+
+def _layout(group_size: int, words: int, escape_words: int, escape_groups: int) -> dict[str, Any]:
+    return {
+        "format": "packed",
+        "version": FORMAT_VERSION,
+        "group_size": group_size,
+        "escape_chunk": ESCAPE_CHUNK,
+        "words": words,
+        "escape_words": escape_words,
+        "escape_groups": escape_groups,
+    }
 
 
 def _check_codes(codes: torch.Tensor, group_size: int) -> None:
@@ -348,19 +352,8 @@ def _check_codes(codes: torch.Tensor, group_size: int) -> None:
 
 def _pack_codes_reference(codes: torch.Tensor,
                           group_size: int = DEFAULT_GROUP_SIZE) -> PackedCodes:
-    """Plain-torch twin of :func:`pack_codes` (the test oracle): a Python loop over groups.
-
-    Args:
-        codes (`torch.Tensor` of shape `(N, K)`, integer): codes with ``|code| <= 2^29 - 1``.
-        group_size (`int`, *optional*, defaults to 32): columns per width group (only 32 in
-            format version 1).
-
-    Returns:
-        `PackedCodes` with tensors on the device of ``codes``.
-
-    Raises:
-        ValueError: bad shape or group size, or a code outside ``±(2^29 - 1)``.
-    """
+    """Plain-torch twin of :func:`pack_codes` (the test oracle): a Python loop over groups, same
+    arguments, same result."""
     _check_codes(codes, group_size)
     device = codes.device
     codes = codes.to(torch.int32)
@@ -415,15 +408,7 @@ def _pack_codes_reference(codes: torch.Tensor,
         if esc_bases
         else torch.zeros(0, n_chunks, dtype=torch.int32, device=device),
     }
-    layout = {
-        "format": "packed",
-        "version": FORMAT_VERSION,
-        "group_size": group_size,
-        "escape_chunk": ESCAPE_CHUNK,
-        "words": word_off,
-        "escape_words": esc_off,
-        "escape_groups": len(esc_bases),
-    }
+    layout = _layout(group_size, word_off, esc_off, len(esc_bases))
     return PackedCodes(layout=layout, tensors=tensors)
 
 

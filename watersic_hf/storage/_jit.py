@@ -18,7 +18,6 @@ within each step.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -30,20 +29,14 @@ FIRST_OCTAVE = 5
 MAX_LANES = 64  # lanes per segment (``_segments.MAX_SEGMENT_LANES``)
 
 # status codes written by the compiled loops (see ``ERRORS``)
-OK, E_SHORT, E_LONG, E_STATE, E_ESCAPE, E_RANGE, E_HEADER = 0, 1, 2, 3, 4, 5, 6
+OK, E_SHORT, E_LONG, E_STATE, E_ESCAPE, E_HEADER = 0, 1, 2, 3, 4, 6
 ERRORS = {
     E_SHORT: "the stream ends before the last code (truncated?)",
     E_LONG: "the stream has unread words (corrupted?)",
     E_STATE: "the rANS decoder did not return to its initial state (corrupted stream)",
     E_ESCAPE: "the escape bits do not match the escape codes (corrupted stream)",
-    E_RANGE: "a code does not fit the stored packing layout (corrupted or crafted layout)",
     E_HEADER: "the segment table points outside the stream (corrupted header)",
 }
-
-
-def set_threads(n: int) -> None:
-    """Use ``n`` threads (clamped to numba's maximum) for the parallel loops."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
 # ---------------------------------------------------------------------------- rANS encoder
