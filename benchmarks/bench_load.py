@@ -153,8 +153,9 @@ def timed_load(path: str, warm: bool = True) -> dict:
     runs = 2 if warm else 1
     out = {}
     for _ in range(runs):
+        # cwd: not the repository root, whose kernels/ folder would shadow the name `kernels`
         proc = subprocess.run([sys.executable, "-c", _LOAD, path], capture_output=True,
-                              text=True, timeout=3600)
+                              text=True, timeout=3600, cwd=os.path.dirname(path))
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
         out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -328,6 +329,7 @@ def main() -> None:
              f"Load average at the start: {load_avg:.1f} (2 cores; other jobs shared the "
              "machine when it is above 0)."]
     lines += [""] + bench_layer(args.bits)
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         lines += [""] + bench_smollm2(args.bits, tmp)
         print("\n".join(lines), flush=True)

@@ -1,27 +1,28 @@
 """Compiled (numba) loops of the packed in-memory format (see ``watersic_hf.packing``).
 
 * :func:`choose_groups`: the width / base / escape choice of every 32-column group (the search of
-  ``packing._choose_group``, done per group in parallel, same result);
+  ``packing._choose_group``, same result);
 * :func:`count_escapes`, :func:`pack_words`, :func:`pack_escape_fields`: codes → packed words with a
   given group table (used after the choice, and by checkpoint loading with a stored table);
 * :func:`count_markers`, :func:`unpack_words`: packed words → escape counts / codes.
 
-All loops work on NumPy arrays in permuted column order, release the GIL and run their outer loop
-in parallel. They never raise: a status code (0 = fine) is written to an ``errors`` array (see
-``ERRORS``) that the caller turns into a ``ValueError``.
+All loops work on NumPy arrays in permuted column order and release the GIL; they are serial,
+and callers parallelise over layers with threads (see ``storage._jit`` for why). They never
+raise: a status code (0 = fine) is written to an ``errors`` array (see ``ERRORS``) that the
+caller turns into a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 OK, E_RANGE = 0, 5
 ERRORS = {E_RANGE: "a code does not fit the stored packing layout (corrupted or crafted layout)"}
 MAX_WIDTH = 16
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def count_escapes(
     codes: np.ndarray,  # (N, K) int32, permuted column order
     meta: np.ndarray,  # (NG, 8) int64: group metadata (packing.META_* fields)
@@ -30,7 +31,7 @@ def count_escapes(
     """Count the codes of every escape group that fall outside its main range, per row chunk."""
     n_rows, k = codes.shape
     n_chunks = counts.shape[1]
-    for c in prange(n_chunks):
+    for c in range(n_chunks):
         for g in range(meta.shape[0]):
             slot = meta[g, 3]
             if slot < 0:
@@ -46,7 +47,7 @@ def count_escapes(
             counts[slot, c] = n
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def pack_words(
     codes: np.ndarray,  # (N, K) int32, permuted column order
     meta: np.ndarray,  # (NG, 8) int64
@@ -60,7 +61,7 @@ def pack_words(
     """Write the main stream of every group and collect escape fields (see packing.py)."""
     n_rows, k = codes.shape
     n_chunks = errors.shape[0]
-    for c in prange(n_chunks):
+    for c in range(n_chunks):
         err = OK
         for g in range(meta.shape[0]):
             b = meta[g, 0]
@@ -136,7 +137,7 @@ def pack_escape_fields(
     return OK
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def count_markers(
     packed: np.ndarray,  # (W, N) int32
     meta: np.ndarray,  # (NG, 8) int64
@@ -146,7 +147,7 @@ def count_markers(
     """Count the escape markers of every escape group per 32-row chunk (validates packed files)."""
     n_rows = packed.shape[1]
     n_chunks = counts.shape[1]
-    for c in prange(n_chunks):
+    for c in range(n_chunks):
         for g in range(meta.shape[0]):
             slot = meta[g, 3]
             if slot < 0:
@@ -169,7 +170,7 @@ def count_markers(
             counts[slot, c] = n
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def unpack_words(
     packed: np.ndarray,  # (W, N) int32
     meta: np.ndarray,  # (NG, 8) int64
@@ -181,7 +182,7 @@ def unpack_words(
     :func:`pack_words`); the caller has validated the tensors."""
     n_rows, k = out.shape
     n_chunks = (n_rows + 31) // 32
-    for c in prange(n_chunks):
+    for c in range(n_chunks):
         for g in range(meta.shape[0]):
             b = meta[g, 0]
             woff = meta[g, 1]
@@ -295,7 +296,7 @@ def _choose_one(vals: np.ndarray, n_chunks: int) -> tuple:
     return best_b, best_lo, best_esc
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def choose_groups(
     codes: np.ndarray,  # (N, K) int32, permuted column order
     n_chunks: int,
@@ -307,7 +308,7 @@ def choose_groups(
     ``[4]`` escape field width, ``[5]`` escape base, ``[6]`` number of escapes, ``[7]`` max |code|.
     """
     n_rows, k = codes.shape
-    for g in prange(meta.shape[0]):
+    for g in range(meta.shape[0]):
         c0 = g * 32
         width = min(32, k - c0)
         vals = np.empty(n_rows * width, dtype=np.int64)

@@ -1,9 +1,11 @@
-"""Compiled (numba) loops of the format-v2 entropy codec and of the layout-driven packer.
+"""Compiled (numba) loops of the format-v2 entropy codec.
 
-Everything here works on NumPy arrays, releases the GIL and runs its outer loop in parallel
-(``prange``) over independent work items: rANS *segments* for the coder, 32-row *chunks* for the
-packer. numba is a JIT with prebuilt wheels, so ``pip install`` needs no compiler; compiled code
-is cached on disk (``cache=True``) so a process pays the compile time once per machine.
+Everything here works on NumPy arrays and releases the GIL (``nogil``). The loops are serial on
+purpose: callers run whole layers on a thread pool (loading and saving a model), which keeps
+every core busy without a thread-pool handshake per call; on a shared machine that handshake
+(waiting for the slowest worker to be scheduled) cost more than the decoding of a small layer.
+Compiled code is cached on disk (``cache=True``) so a process pays the compile time once per
+machine. numba is a JIT with prebuilt wheels: ``pip install`` needs no compiler.
 
 Error handling: compiled loops never raise. Each work item writes a status code (0 = fine) to
 an ``errors`` array that the Python caller turns into a ``ValueError`` naming the tensor, so a
@@ -19,7 +21,7 @@ within each step.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 PRECISION = 12
 TOTAL = 1 << PRECISION
@@ -40,7 +42,7 @@ ERRORS = {
 
 
 # ---------------------------------------------------------------------------- rANS encoder
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def rans_encode_segments(
     tokens: np.ndarray,  # (N, K) int16, permuted column order
     col_base: np.ndarray,  # (K,) int64: index of token 0 of column k in freq/start
@@ -55,7 +57,7 @@ def rans_encode_segments(
     """Encode every segment into the tail of its scratch region (states first, then words)."""
     n_rows, k = tokens.shape
     n_seg = seg_lanes.shape[0]
-    for s in prange(n_seg):
+    for s in range(n_seg):
         r0 = s * seg_rows
         rows = min(seg_rows, n_rows - r0)
         t_sym = rows * k
@@ -95,7 +97,7 @@ def rans_encode_segments(
 
 
 # ---------------------------------------------------------------------------- rANS decoder
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def rans_decode_segments(
     coded: np.ndarray,  # (C,) uint8: the concatenated segments
     seg_off: np.ndarray,  # (S + 1,) int64: byte offsets of the segments in ``coded``
@@ -127,7 +129,7 @@ def rans_decode_segments(
     col_base = np.empty(k, dtype=np.int64)
     for c in range(k):
         col_base[c] = col_table[c] << PRECISION
-    for s in prange(n_seg):
+    for s in range(n_seg):
         r0 = s * seg_rows
         rows = min(seg_rows, n_rows - r0)
         t_sym = rows * k
@@ -221,7 +223,7 @@ def _token(z: int) -> int:
     return -t if z < 0 else t
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def tokenize_histogram(
     codes: np.ndarray,  # (N, K) int32
     tokens: np.ndarray,  # (N, K) int16 (output)
@@ -235,7 +237,7 @@ def tokenize_histogram(
     parts = hist.shape[0]
     alphabet = hist.shape[2]
     center = alphabet // 2
-    for part in prange(parts):
+    for part in range(parts):
         r0 = n_rows * part // parts
         r1 = n_rows * (part + 1) // parts
         for r in range(r0, r1):
@@ -312,7 +314,7 @@ def _block_entropies(codes: np.ndarray, c0: int, c1: int, out: np.ndarray) -> No
             out[c0 + j] = _entropy_of(vals, np.empty(n_rows, dtype=np.int64))
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def code_statistics(codes: np.ndarray, live: np.ndarray) -> tuple:
     """Entropies of a code matrix, as ``watersic_hf.algorithm.entropy`` defines them.
 
@@ -327,7 +329,7 @@ def code_statistics(codes: np.ndarray, live: np.ndarray) -> tuple:
     n_rows, k = codes.shape
     col_h = np.zeros(k, dtype=np.float64)
     n_blocks = (k + 15) // 16
-    for b in prange(n_blocks):
+    for b in range(n_blocks):
         _block_entropies(codes, b * 16, min(k, b * 16 + 16), col_h)
     n_live = 0
     for c in range(k):

@@ -17,7 +17,6 @@ Tokens, tables and escapes are those of format version 1 (``_tokens``, ``_model`
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
@@ -51,9 +50,8 @@ def header_nbytes(n_rows: int, k: int) -> int:
 def tokens_and_histograms(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tokens (int16, ``(N, K)``) and per-column token histograms (int64, ``(K, ALPHABET)``)."""
     n_rows, k = codes.shape
-    parts = max(1, min(numba.get_num_threads(), n_rows, (1 << 26) // max(k * ALPHABET, 1)))
     tokens = np.empty((n_rows, k), dtype=np.int16)
-    hist = np.zeros((parts, k, ALPHABET), dtype=np.int64)
+    hist = np.zeros((1, k, ALPHABET), dtype=np.int64)
     _jit.tokenize_histogram(np.ascontiguousarray(codes, dtype=np.int32), tokens, hist)
     return tokens, hist.sum(axis=0)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -120,14 +122,21 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
     modules = {n: m for n, m in model.named_modules() if isinstance(m, WaterSICLinear)}
     targets = _config_targets(model, cfg)
     state = dict(model.state_dict())
+
+    def prepare(item: tuple[str, nn.Module]) -> None:
+        name, module = item
+        n_dead = int(cfg.layers.get(name, {}).get("dead_columns", 0) or 0)
+        prepare_layer(module, name, n_dead, entropy=storage == "entropy")
+
+    # streams and statistics of all layers on a thread pool, one unpacking per layer
+    for _ in _in_order(prepare, list(modules.items()), _workers()):
+        pass
     for name, module in modules.items():
         fields: dict[str, Any] = {
             "in": module.in_features, "out": module.out_features,
             "bias": module.bias is not None, "layout": module.layout_metadata(),
             "storage": storage,
         }
-        n_dead = int(cfg.layers.get(name, {}).get("dead_columns", 0) or 0)
-        prepare_layer(module, name, n_dead, entropy=storage == "entropy")
         if storage == "entropy":
             enc = encoded_module(module, name)
             keep = LAYOUT_TENSORS if module.format == "packed" else ()
@@ -397,11 +406,34 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
         n_in, n_out, layout, {**tensors, **scales}, bias, backend=backend, device=device)
 
 
+def _workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _in_order(fn: Any, items: list[Any], workers: int) -> Any:
+    """``fn(item)`` for every item on a thread pool, yielded in order, with at most ``workers +
+    1`` results in flight (the compiled loops release the GIL; the window bounds memory)."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="watersic") as pool:
+        pending: deque = deque()
+        queue = iter(items)
+        for item in queue:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def materialize_loaded_model(model: nn.Module, *, backend: str | None = None) -> int:
     """Replace every loaded :class:`WaterSICCheckpointLinear` by its ``WaterSICLinear``.
 
-    Layers are done one at a time (each decode is itself parallel over threads), so host memory
-    holds at most one layer's decoded codes beyond the stored and packed tensors.
+    Layers are built on ``torch.get_num_threads()`` threads (decoding and packing release the
+    GIL) and swapped into the model in order, with at most one layer per thread plus one in
+    flight, so host memory holds only those layers' decoded codes beyond the stored and packed
+    tensors.
 
     Returns:
         the number of replaced modules.
@@ -414,16 +446,19 @@ def materialize_loaded_model(model: nn.Module, *, backend: str | None = None) ->
 
     # names only: holding the placeholders would keep every layer's streams alive to the end
     targets = [n for n, m in model.named_modules() if isinstance(m, WaterSICCheckpointLinear)]
-    for name in targets:
+
+    def build(name: str) -> tuple[str, nn.Module]:
         module = model.get_submodule(name)
         missing = [p for p, t in module.named_parameters(recurse=False) if t.is_meta]
         if missing:
             raise ValueError(
                 f"{name}: {missing} were not found in the checkpoint's safetensors files; the "
                 "files are incomplete or do not match config.json")
-        new = _materialize(name, module, backend or "auto")
+        return name, _materialize(name, module, backend or "auto")
+
+    for name, new in _in_order(build, targets, _workers()):
         set_submodule(model, name, new)
-        del module, new
+        del new
     if targets:
         logger.info("WaterSIC: built %d quantized layers from the checkpoint", len(targets))
     return len(targets)
