@@ -72,6 +72,28 @@ def test_unknown_keys_warn_and_are_kept(caplog):
         cfg = WaterSICConfig.from_dict({"quant_method": "watersic", "bits": 3, "new_field": 7})
     assert "new_field" in caplog.text and "pip install -U watersic-hf" in caplog.text
     assert cfg.to_dict()["new_field"] == 7
+    # transformers' own dispatch (what from_pretrained uses on a saved config.json) takes the
+    # same forgiving path, and the unknown key survives a round trip.
+    again = AutoQuantizationConfig.from_dict({**cfg.to_dict(), "bits": 2.5})
+    assert again.bits == 2.5 and again.to_dict()["new_field"] == 7
+    cfg2, unused = WaterSICConfig.from_dict({"bits": 3}, return_unused_kwargs=True, seed=4, x=1)
+    assert cfg2.seed == 4 and unused == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bit": 2}, r"unexpected keyword argument 'bit' \(did you mean 'bits'\?\)$"),
+        ({"nsample": 8}, r"'nsample' \(did you mean 'nsamples'\?\)"),
+        ({"seq_len": 8}, r"'seq_len' \(did you mean 'seqlen'\?\)"),
+        ({"frobnicate": 1}, r"argument 'frobnicate'; the options are: bits, dataset, .*backend$"),
+    ],
+)
+def test_unknown_keyword_arguments_raise_with_a_suggestion(kwargs, message):
+    # A typo used to be accepted with a warning blaming "a newer watersic_hf" and quantized at the
+    # default 3 bits.
+    with pytest.raises(TypeError, match=message):
+        WaterSICConfig(**kwargs)
 
 
 def test_newer_format_version_is_refused():

@@ -17,6 +17,8 @@ kept only when they are strings (a dataset name or path, a tokenizer path).
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import logging
 import math
 from typing import Any
@@ -38,6 +40,17 @@ DEFAULT_DAMP = {"watersic": 1e-4, "gptq": 0.01, "rtn": 0.0}
 
 # Fields that hold live Python objects during calibration and never reach config.json as such.
 _RUNTIME_FIELDS = ("dataset", "tokenizer")
+# Fields filled in by calibration or saving (listed in config.json, not user options).
+_RESULT_FIELDS = (
+    "layers",
+    "achieved_bits",
+    "calibration_tokens",
+    "format_version",
+    "watersic_version",
+    "report",
+    "checksums",
+    "quant_method",
+)
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WaterSICConfig"]
 
@@ -71,6 +84,29 @@ def _check_float(
         bracket = "(" if open_low else "["
         raise ValueError(f"WaterSICConfig.{name} must lie in {bracket}{low}, {high}], got {value}")
     return value
+
+
+def _init_parameters() -> tuple[str, ...]:
+    """Keyword arguments ``WaterSICConfig(...)`` accepts (``quant_method`` included)."""
+    params = inspect.signature(WaterSICConfig.__init__).parameters
+    names = [n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    return (*names, "quant_method")
+
+
+def _unexpected_keywords_message(kwargs: dict[str, Any]) -> str:
+    """``TypeError`` text for unknown keyword arguments, with a did-you-mean per key."""
+    known = _init_parameters()
+    parts, guessed = [], 0
+    for key in sorted(kwargs):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        guessed += bool(close)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    noun = "argument" if len(kwargs) == 1 else "arguments"
+    message = f"WaterSICConfig got unexpected keyword {noun} {', '.join(parts)}"
+    if guessed < len(kwargs):
+        options = [n for n in known if n not in _RESULT_FIELDS]
+        message += f"; the options are: {', '.join(options)}"
+    return message
 
 
 class WaterSICConfig(QuantizationConfigMixin):
@@ -243,16 +279,44 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.watersic_version = watersic_version
         self.report = dict(report) if report else None
         self.checksums = dict(checksums) if checksums else None
-        # Keys written by a newer watersic_hf: keep them (so a re-save does not drop them) but say
-        # so.
-        self._unknown = dict(kwargs)
         if kwargs:
+            # A typo must not silently fall back to a default (``bit=2`` quantizing at 3 bits).
+            # Keys from a saved config.json that this version does not know go through from_dict.
+            raise TypeError(_unexpected_keywords_message(kwargs))
+        # Keys of a saved config written by a newer watersic_hf (set by from_dict): kept so that a
+        # re-save does not drop them.
+        self._unknown: dict[str, Any] = {}
+        self.post_init()
+
+    @classmethod
+    def from_dict(
+        cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> WaterSICConfig | tuple[WaterSICConfig, dict[str, Any]]:
+        """Build the config from a dict, e.g. ``config.json["quantization_config"]``.
+
+        Unlike the constructor, keys this version does not know are accepted (forward
+        compatibility: a checkpoint written by a newer watersic_hf still loads): they are logged as
+        a warning and kept, so that ``to_dict()`` writes them back. ``kwargs`` that name an
+        attribute override it, as in transformers' ``QuantizationConfigMixin.from_dict``.
+        """
+        known = _init_parameters()
+        data = dict(config_dict)
+        unknown = {key: data.pop(key) for key in list(data) if key not in known}
+        config = cls(**data)
+        if unknown:
             logger.warning(
                 "WaterSICConfig: ignoring unknown keys %s (written by a newer watersic_hf?); "
                 "upgrade with `pip install -U watersic-hf` if loading misbehaves",
-                sorted(kwargs),
+                sorted(unknown),
             )
-        self.post_init()
+            config._unknown = unknown
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
 
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
