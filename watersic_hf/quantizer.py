@@ -198,6 +198,13 @@ class WaterSICHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """True: ``WaterSICLinear`` traces with ``torch.compile(fullgraph=True)`` (the torch path is
+        plain tensor code, the Triton path a ``torch.library`` custom op), so ``generate`` with a
+        static cache and a ``compile_config`` compiles the forward instead of skipping it."""
+        return True
+
     def _dequantize(self, model: Any, dtype: torch.dtype | str | None = None) -> Any:
         from .integration.replace import dequantize_model
 
