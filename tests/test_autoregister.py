@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -94,10 +95,14 @@ def test_a_normal_wheel_install_registers_too(saved, tmp_path):
     # Build the wheel that `pip install watersic-hf` would install and unpack it into a fresh site
     # directory; the interpreter below sees only that directory's .pth files (-S skips the
     # editable install of this environment), with torch and transformers on a plain path entry.
+    # Built from a copy: setuptools writes build/ and *.egg-info into the source folder.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", "tests", "benchmarks"))
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheel_dir), str(REPO)],
+         "-w", str(wheel_dir), str(source)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert build.returncode == 0, build.stderr[-3000:]
