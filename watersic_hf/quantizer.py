@@ -96,6 +96,12 @@ class WaterSICHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         cfg = self.quantization_config
+        if not self.pre_quantized:
+            from .integration.plan import check_architecture
+
+            # Refuse unsupported models (encoder-decoder, Conv1D, no decoder blocks) on the empty
+            # skeleton, before the float weights are read and calibration starts.
+            check_architecture(model)
         self.modules_to_not_convert = sorted(
             self.get_modules_to_not_convert(
                 model,

@@ -900,6 +900,10 @@ def calibrate_model(
     Raises:
         ValueError: bad data, nothing to quantize, offloaded weights, NaN activations.
     """
+    from .plan import plan_calibration
+
+    # Device-aware nsamples/seqlen (when None), the CPU time estimate, the small-set warning.
+    plan_calibration(model, config, modules_to_not_convert or [])
     use_cache = getattr(model.config, "use_cache", None)
     was_training = model.training
     model.eval()
