@@ -131,6 +131,8 @@ def quantized(tmp_path_factory, tiny_llama_dir, calib_file):
         str(calib_file),
         "--eval-seqlen",
         "32",
+        "--base-model",
+        "acme/tiny-llama",
         "--json",
     ]
     return argv, out
@@ -160,7 +162,10 @@ def test_quantize_tiny_model(quantized, capsys):
 
     card = (out / "README.md").read_text()
     assert CARD_MARKER in card and f"{summary['ppl_after']:.3f}" in card
+    assert f"| perplexity, quantized | {summary['ppl_after']:.3f} |" in card  # --eval ran
     assert f"{summary['bits_on_disk']:.3f}" in card
+    assert f"{summary['bits_in_memory']:.3f}" in card
+    assert "\nbase_model: acme/tiny-llama\n" in card  # --base-model
 
     from transformers import AutoModelForCausalLM
 

@@ -55,9 +55,12 @@ PUSH_SCRIPT = textwrap.dedent(
     # The same files, saved locally the same way, for the byte-for-byte comparison.
     type(q).save_pretrained(q, f"{work}/quant_local")
     tok.save_pretrained(f"{work}/quant_local")
+    from watersic_hf.evaluation import disk_bits, memory_bits
     from watersic_hf.model_card import write_model_card
     write_model_card(f"{work}/quant_local", q.config, repo_id="watersic-tester/tiny-watersic",
-                     base_model=q.config._name_or_path, ppl=12.5)
+                     base_model=q.config._name_or_path, ppl=12.5,
+                     bits_on_disk=disk_bits(f"{work}/quant_local")["bits_per_weight"],
+                     bits_in_memory=memory_bits(q)["bits_per_weight"])
     # Download it back and compare logits.
     q2 = AutoModelForCausalLM.from_pretrained("watersic-tester/tiny-watersic")
     ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
@@ -176,3 +179,5 @@ def test_transformers_push_of_a_quantized_model_keeps_the_watersic_card(pushed):
         assert stored[name] == data, name
     card = stored["README.md"].decode()
     assert CARD_MARKER in card and "import watersic_hf" in card
+    # The tokenizer calibration used travels with the model.
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(stored)

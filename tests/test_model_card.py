@@ -81,8 +81,9 @@ def test_card_content():
     assert meta["base_model_relation"] == "quantized"
     assert CARD_MARKER in text
     # The bold warning comes before the usage snippet, and the snippet starts with the import.
-    warning = text.index("**Run `import watersic_hf` before loading")
-    assert "RANDOM weights" in text[warning : warning + 400]
+    warning = text.index("**Install `watersic-hf` before loading this model.**")
+    assert "RANDOM weights" in text[warning : warning + 600]
+    assert "`WATERSIC_NO_AUTOREGISTER=1`" in text[warning : warning + 600]
     snippet = text[text.index("```python") :]
     assert snippet.splitlines()[1].startswith("import watersic_hf")
     assert warning < text.index("```python")

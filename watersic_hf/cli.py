@@ -289,6 +289,12 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: MODEL's)")
     p.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="Hub id of the float model, for the model card's base_model (default: MODEL when it "
+        "is a Hub id, or the id recorded in a local folder's Hub cache path or config.json)",
+    )
+    p.add_argument(
         "--nsamples",
         type=_positive_int,
         help="calibration windows (default 128 on cuda, 32 on cpu)",
@@ -375,7 +381,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import watersic_hf  # noqa: F401  (registers the quantizer with transformers)
 
     from .evaluation import disk_bits, memory_bits, perplexity
-    from .model_card import write_model_card
+    from .model_card import base_model_origin, write_model_card
 
     out = pathlib.Path(args.out).expanduser().absolute()
     _check_out_dir(out, args.overwrite)
@@ -460,8 +466,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # with the calibration tokenizer (see model_card)
         del model
         gc.collect()
         disk = disk_bits(tmp, layers)
@@ -488,7 +493,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         write_model_card(
             tmp,
             qc,
-            base_model=DEFAULT_BASE_MODEL if is_default else model_src,
+            base_model=args.base_model
+            or (DEFAULT_BASE_MODEL if is_default else base_model_origin(model_src)),
             repo_id=args.push_to_hub,
             model_path=None if args.push_to_hub else str(args.out),
             ppl=summary.get("ppl_after"),

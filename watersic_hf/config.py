@@ -45,6 +45,7 @@ _RESULT_FIELDS = (
     "layers",
     "achieved_bits",
     "calibration_tokens",
+    "calibration_data",
     "format_version",
     "watersic_version",
     "report",
@@ -208,6 +209,7 @@ class WaterSICConfig(QuantizationConfigMixin):
             ...}``; what the loader needs to rebuild the skeleton, plus per-layer statistics.
         achieved_bits (`float`): the rate actually reached, over all quantized weights.
         calibration_tokens (`int`): number of calibration tokens used.
+        calibration_data (`str`): what the calibration set was, in words (for the model card).
         format_version (`int`): checkpoint layout version (:data:`FORMAT_VERSION`).
         watersic_version (`str`): version of watersic_hf that wrote the checkpoint.
         report (`dict`): rate summary written at save time (:func:`watersic_hf.report` without
@@ -244,6 +246,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         layers: dict[str, dict[str, Any]] | None = None,
         achieved_bits: float | None = None,
         calibration_tokens: int | None = None,
+        calibration_data: str | None = None,
         format_version: int = FORMAT_VERSION,
         watersic_version: str | None = None,
         report: dict[str, Any] | None = None,
@@ -282,6 +285,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.layers = dict(layers) if layers else {}
         self.achieved_bits = achieved_bits
         self.calibration_tokens = calibration_tokens
+        self.calibration_data = calibration_data
         self.format_version = format_version
         self.watersic_version = watersic_version
         self.report = dict(report) if report else None

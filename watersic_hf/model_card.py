@@ -39,6 +39,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*
 
 __all__ = [
     "CARD_MARKER",
+    "base_model_origin",
     "install_save_hooks",
     "push_folder",
     "push_to_hub",
@@ -118,7 +119,8 @@ def quantization_summary(config: Any) -> dict[str, Any]:
         `dict` with ``method``, ``bits`` (target), ``achieved_bits``, ``storage``, ``n_layers``,
         ``n_weights`` (``None`` if the layer metadata lacks shapes), ``kinds`` (module role →
         count), ``layer_bits_min`` / ``layer_bits_max`` (``None`` without per-layer rates),
-        ``modules_to_not_convert``, ``nsamples``, ``seqlen``, ``dataset`` and ``watersic_version``.
+        ``modules_to_not_convert``, ``nsamples``, ``seqlen``, ``dataset``, ``calibration_tokens``,
+        ``calibration_data`` and ``watersic_version``.
     """
     d = _config_dict(config)
     layers = d.get("layers") or {}
@@ -139,6 +141,8 @@ def quantization_summary(config: Any) -> dict[str, Any]:
         "nsamples": d.get("nsamples"),
         "seqlen": d.get("seqlen"),
         "dataset": d.get("dataset"),
+        "calibration_tokens": d.get("calibration_tokens"),
+        "calibration_data": d.get("calibration_data"),
         "watersic_version": d.get("watersic_version"),
     }
 
@@ -228,10 +232,12 @@ def render_model_card(
         ]
     lines += [
         "> [!WARNING]",
-        "> **Run `import watersic_hf` before loading this model. Without that import transformers "
-        "does not know the `watersic` quantization method: it only logs a warning and silently "
-        "loads the model with "
-        "RANDOM weights in place of every quantized layer.**",
+        "> **Install `watersic-hf` before loading this model.** Once installed, it registers the "
+        "`watersic` quantization method with transformers in every Python process (`pipeline`, "
+        "`transformers serve`, any script); `import watersic_hf` does it explicitly and is needed "
+        "when `WATERSIC_NO_AUTOREGISTER=1` is set. **Without it, transformers does not know the "
+        "method and cannot load the quantized layers: depending on the versions it loads RANDOM "
+        "weights in their place with only a warning.**",
         "",
         "## Usage",
         "",
@@ -240,7 +246,7 @@ def render_model_card(
         "```",
         "",
         "```python",
-        "import watersic_hf  # registers the 'watersic' quantizer: required, see the warning above",
+        "import watersic_hf  # registers the 'watersic' quantizer (see the warning above)",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{where}")',
@@ -275,7 +281,14 @@ def render_model_card(
         f"`{m}`" for m in s["modules_to_not_convert"] or () if m != "lm_head" and "embed" not in m
     ]
     lines.append(f"| kept in full precision | {', '.join(kept)}, norms, every non-Linear module |")
-    if s["nsamples"] is not None and s["seqlen"] is not None:
+    if s["calibration_data"]:
+        # Written by calibration (watersic_hf >= 0.1 with the plan step): what was really used.
+        used = s["calibration_tokens"]
+        amount = f"{used:,} tokens" if isinstance(used, int) else "tokens"
+        if s["nsamples"] is not None and s["seqlen"] is not None:
+            amount += f" ({s['nsamples']} windows × {s['seqlen']} tokens asked)"
+        lines.append(f"| calibration set | {amount} from {s['calibration_data']} |")
+    elif s["nsamples"] is not None and s["seqlen"] is not None:
         if isinstance(s["dataset"], str):
             source = f"`{s['dataset']}`"
         else:
@@ -385,20 +398,96 @@ def _is_watersic(model: Any) -> bool:
     return str(method) == "watersic"
 
 
+def _is_hub_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and not os.path.exists(name)
+
+
+def base_model_origin(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """The Hub id a model was loaded from, when it can be told; else ``name_or_path`` itself.
+
+    * a Hub id is returned as is;
+    * a folder in the Hugging Face cache (``.../models--org--name/snapshots/<rev>``) gives
+      ``org/name``;
+    * a folder whose ``config.json`` records a Hub id as ``_name_or_path`` (transformers 4.x wrote
+      it, and many Hub configs carry it) gives that id.
+    """
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if _is_hub_id(name):
+        return name
+    path = pathlib.Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    for part in reversed(path.resolve().parts):
+        if part.startswith("models--") and "--" in part[len("models--") :]:
+            return part[len("models--") :].replace("--", "/", 1)
+    try:
+        import json
+
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        origin = recorded.get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    if isinstance(origin, str) and _is_hub_id(origin):
+        return origin
+    return name
+
+
 def _base_model_of(model: Any) -> str | None:
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else None
+    given = getattr(model, "_watersic_base_model", None)
+    if given:
+        return str(given)
+    return base_model_origin(getattr(getattr(model, "config", None), "_name_or_path", None))
+
+
+def _measured_bits(folder: str | os.PathLike[str], model: Any) -> dict[str, float]:
+    """``bits_on_disk`` / ``bits_in_memory`` for the card, measured as ``watersic-quantize`` does
+    (see :func:`watersic_hf.evaluation.disk_bits` and :func:`~watersic_hf.evaluation.memory_bits`);
+    empty when the model holds no WaterSIC layers (a config set by hand)."""
+    from .evaluation import disk_bits, memory_bits
+    from .nn import WaterSICLinear
+
+    if not any(isinstance(m, WaterSICLinear) for m in model.modules()):
+        return {}
+    out: dict[str, float] = {}
+    try:
+        out["bits_on_disk"] = disk_bits(folder)["bits_per_weight"]
+        out["bits_in_memory"] = memory_bits(model)["bits_per_weight"]
+    except (ValueError, AttributeError, KeyError) as err:  # a partial or unusual folder
+        logger.info("model card: bits on disk / in memory not measured (%s)", err)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _tokenizer_saved_in(folder: str | os.PathLike[str]) -> bool:
+    return (pathlib.Path(folder) / "tokenizer_config.json").exists()
 
 
 def _save_pretrained_with_card(
-    self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+    self: Any,
+    save_directory: str | os.PathLike[str],
+    *args: Any,
+    base_model: str | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """The class's ``save_pretrained``, then the WaterSIC model card (main process only)."""
+    """The class's ``save_pretrained``, then (main process only) the calibration tokenizer, unless
+    the folder already holds one, and the WaterSIC model card. ``base_model`` names the float
+    model's Hub id for the card when it cannot be told from where the model was loaded."""
+    if base_model is not None:
+        self._watersic_base_model = base_model  # remembered for later saves and push_to_hub
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True) and _is_watersic(self):
-        write_model_card(
-            save_directory, self.config, keep_foreign=True, base_model=_base_model_of(self)
-        )
+    if kwargs.get("is_main_process", True):
+        tokenizer = getattr(self, "_watersic_tokenizer", None)
+        if tokenizer is not None and not _tokenizer_saved_in(save_directory):
+            tokenizer.save_pretrained(save_directory)
+        if _is_watersic(self):
+            write_model_card(
+                save_directory,
+                self.config,
+                keep_foreign=True,
+                base_model=_base_model_of(self),
+                **_measured_bits(save_directory, self),
+            )
     return result
 
 
@@ -413,20 +502,28 @@ _save_pretrained_with_card.__name__ = "save_pretrained"
 _push_to_hub_with_card.__name__ = "push_to_hub"
 
 
-def install_save_hooks(model: Any) -> Any:
-    """Make ``model.save_pretrained`` write the model card and ``model.push_to_hub`` upload it.
+def install_save_hooks(model: Any, tokenizer: Any = None) -> Any:
+    """Make ``model.save_pretrained`` write the model card (and ``tokenizer``) and
+    ``model.push_to_hub`` upload them.
 
     The wrappers are set on this instance only (the class is untouched). ``save_pretrained`` keeps a
-    ``README.md`` that watersic_hf did not write. transformers' own ``push_to_hub`` saves the model
-    and then overwrites ``README.md`` with a generic template that lacks the ``import watersic_hf``
-    warning, so the replacement delegates to :func:`push_to_hub` (same keyword arguments).
-    Idempotent.
+    ``README.md`` that watersic_hf did not write, and a tokenizer already saved in the folder.
+    transformers' own ``push_to_hub`` saves the model and then overwrites ``README.md`` with a
+    generic template that lacks the ``import watersic_hf`` warning, so the replacement delegates to
+    :func:`push_to_hub` (same keyword arguments). Idempotent.
+
+    Args:
+        model (`PreTrainedModel`): a WaterSIC-quantized model.
+        tokenizer (*optional*): the tokenizer calibration used; saved and pushed with the model so
+            that ``pipeline(model=folder)`` works on the saved folder.
 
     Returns:
         the model.
     """
     model.save_pretrained = types.MethodType(_save_pretrained_with_card, model)
     model.push_to_hub = types.MethodType(_push_to_hub_with_card, model)
+    if tokenizer is not None:
+        model._watersic_tokenizer = tokenizer
     return model
 
 
@@ -496,6 +593,8 @@ def push_to_hub(
 
     api = HfApi(library_name="watersic_hf", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if tokenizer is None:
+        tokenizer = getattr(model, "_watersic_tokenizer", None)  # the calibration tokenizer
     with tempfile.TemporaryDirectory(prefix="watersic-push-") as tmp:
         # The class method: an installed hook would write a card without repo_id and measured
         # values.
@@ -504,6 +603,8 @@ def push_to_hub(
             tokenizer.save_pretrained(tmp)
         if _is_watersic(model):
             card_kwargs.setdefault("base_model", _base_model_of(model))
+            for key, value in _measured_bits(tmp, model).items():
+                card_kwargs.setdefault(key, value)
             write_model_card(tmp, model.config, repo_id=repo_id, tags=tags, **card_kwargs)
         return push_folder(
             tmp,

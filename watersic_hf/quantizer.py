@@ -159,8 +159,13 @@ class WaterSICHfQuantizer(HfQuantizer):
             return _with_model_card(model)
 
         from .integration.calibrate import calibrate_model
+        from .integration.data import calibration_tokenizer, describe_dataset
 
-        result = calibrate_model(model, cfg, modules_to_not_convert=self.modules_to_not_convert)
+        # Loaded once here so that the tokenizer calibration used is saved with the model.
+        tokenizer = calibration_tokenizer(cfg.tokenizer, cfg.dataset, cfg.method, model)
+        result = calibrate_model(
+            model, cfg, modules_to_not_convert=self.modules_to_not_convert, tokenizer=tokenizer
+        )
         layers: dict[str, dict[str, Any]] = {}
         reports = {r.name: r for r in result.reports}
         for name, module in result.modules.items():
@@ -181,11 +186,12 @@ class WaterSICHfQuantizer(HfQuantizer):
         cfg.format_version = FORMAT_VERSION
         cfg.watersic_version = __version__
         cfg.calibration_tokens = result.tokens
+        cfg.calibration_data = None if cfg.method == "rtn" else describe_dataset(cfg.dataset)
         # transformers 5.x assigns the config in postprocess_model already; 4.x did not, and doing
         # it
         # here as well makes sure the per-layer metadata reaches config.json.
         model.config.quantization_config = cfg
-        return _with_model_card(model)
+        return _with_model_card(model, tokenizer)
 
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, Any] | None, dict]:
@@ -219,12 +225,12 @@ class WaterSICHfQuantizer(HfQuantizer):
         return dequantize_model(model, dtype)
 
 
-def _with_model_card(model: Any) -> Any:
+def _with_model_card(model: Any, tokenizer: Any = None) -> Any:
     """Make ``save_pretrained`` / ``push_to_hub`` of this model write the WaterSIC model card (whose
-    usage snippet starts with ``import watersic_hf``)."""
+    usage snippet starts with ``import watersic_hf``), and the calibration ``tokenizer`` if any."""
     from .model_card import install_save_hooks
 
-    return install_save_hooks(model)
+    return install_save_hooks(model, tokenizer=tokenizer)
 
 
 def register() -> None:

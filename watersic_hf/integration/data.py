@@ -32,7 +32,15 @@ NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
 _DATASETS_HINT = "pip install 'watersic-hf[datasets]'"
 _SEPARATOR = "\n\n"
 
-__all__ = ["NAMED_DATASETS", "calibration_windows", "load_tokenizer", "make_batches"]
+__all__ = [
+    "NAMED_DATASETS",
+    "calibration_tokenizer",
+    "calibration_windows",
+    "describe_dataset",
+    "load_tokenizer",
+    "make_batches",
+    "reads_text",
+]
 
 
 def load_tokenizer(tokenizer: Any, model: Any = None) -> Any:
@@ -69,6 +77,47 @@ def load_tokenizer(tokenizer: Any, model: Any = None) -> Any:
             f"{err}); pass WaterSICConfig(tokenizer=...) with a tokenizer object or a folder that "
             "contains one"
         ) from err
+
+
+def reads_text(dataset: Any) -> bool:
+    """Whether calibration tokenizes ``dataset`` (texts, a path, a dataset name, or ``None`` for
+    the shipped corpus) rather than taking it as token ids."""
+    if dataset is None or isinstance(dataset, (str, os.PathLike)):
+        return True
+    if isinstance(dataset, Sequence) and not isinstance(dataset, torch.Tensor) and dataset:
+        return all(isinstance(d, str) for d in dataset)
+    return False
+
+
+def calibration_tokenizer(tokenizer: Any, dataset: Any, method: str, model: Any = None) -> Any:
+    """The tokenizer calibration will use, loaded once, or ``None`` when it uses none.
+
+    A tokenizer given as an object or a path is always returned (loaded); without one, the model's
+    own tokenizer is loaded when calibration reads text (see :func:`reads_text`; ``"rtn"`` reads no
+    data). The quantizer passes the result to calibration and saves it with the model.
+
+    Raises:
+        ValueError: text calibration but no tokenizer can be loaded (see :func:`load_tokenizer`).
+    """
+    if tokenizer is None and (method == "rtn" or not reads_text(dataset)):
+        return None
+    return load_tokenizer(tokenizer, model)
+
+
+def describe_dataset(dataset: Any) -> str:
+    """``WaterSICConfig.dataset`` in words, for config.json and the model card (texts and token
+    ids themselves are never stored; a path is reduced to its last component)."""
+    if dataset is None:
+        return "the State-of-the-Union corpus shipped with watersic_hf (83 addresses, 1934-1999)"
+    if isinstance(dataset, (str, os.PathLike)):
+        name = str(dataset)
+        if name in NAMED_DATASETS:
+            return f"`{name}`"
+        return f"the local text `{os.path.basename(os.path.normpath(name))}`"
+    count = len(dataset) if hasattr(dataset, "__len__") else 0
+    if reads_text(dataset):
+        return f"{count} user-supplied texts"
+    return f"{count} user-supplied token-id samples"
 
 
 def _read_text_path(path: pathlib.Path) -> list[str]:
