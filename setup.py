@@ -96,6 +96,8 @@ setup(
             "gguf>=0.10",
             "matplotlib",
             "setuptools>=70.1",
+            # `transformers serve` (tests/test_serve.py): fastapi, uvicorn, openai, ...
+            "transformers[serving]>=5.0,<6",
         ],
     },
     entry_points={
