@@ -82,8 +82,8 @@ def test_card_content():
     assert CARD_MARKER in text
     # The bold warning comes before the usage snippet, and the snippet starts with the import.
     warning = text.index("**Install `watersic-hf` before loading this model.**")
-    assert "RANDOM weights" in text[warning : warning + 600]
-    assert "`WATERSIC_NO_AUTOREGISTER=1`" in text[warning : warning + 600]
+    assert "size-mismatch error" in text[warning : warning + 700]
+    assert "`WATERSIC_NO_AUTOREGISTER=1`" in text[warning : warning + 700]
     snippet = text[text.index("```python") :]
     assert snippet.splitlines()[1].startswith("import watersic_hf")
     assert warning < text.index("```python")

@@ -5,7 +5,7 @@
 plain ``from_pretrained(path)`` loads a saved WaterSIC checkpoint. An installed watersic-hf also
 does this by itself in every process, when transformers' quantizer registry is first imported
 (``_watersic_hf_autoregister``, switched off by ``WATERSIC_NO_AUTOREGISTER=1``). Where neither
-happens, transformers does not know the method and cannot load the quantized layers.
+happens, transformers does not know the method and refuses the checkpoint (size mismatch).
 """
 
 from ._version import __version__

@@ -11,8 +11,8 @@ Three entry points:
   uploads it; :func:`push_folder` uploads an already saved folder.
 
 The card always starts its usage snippet with ``import watersic_hf`` and warns, in bold, that
-watersic-hf must be installed: without it transformers cannot load the quantized layers (it may
-silently load random weights in their place).
+watersic-hf must be installed: without it transformers cannot load the quantized layers (it stops
+with a size-mismatch error; format-1 checkpoints even load random weights with only a warning).
 """
 
 from __future__ import annotations
@@ -237,8 +237,9 @@ def render_model_card(
         "`watersic` quantization method with transformers in every Python process (`pipeline`, "
         "`transformers serve`, any script); `import watersic_hf` does it explicitly and is needed "
         "when `WATERSIC_NO_AUTOREGISTER=1` is set. **Without it, transformers does not know the "
-        "method and cannot load the quantized layers: depending on the versions it loads RANDOM "
-        "weights in their place with only a warning.**",
+        "method and cannot load the quantized layers: it stops with a size-mismatch error "
+        "(checkpoints of WaterSIC format 1 even load RANDOM weights in their place, with only a "
+        "warning).**",
         "",
         "## Usage",
         "",
