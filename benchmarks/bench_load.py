@@ -135,7 +135,7 @@ def bench_layer(bits: float) -> list[str]:
 
 # ---------------------------------------------------------------------------- loads
 _LOAD = textwrap.dedent("""
-    import json, resource, sys, time, torch
+    import json, sys, time, torch
     import watersic_hf
     from transformers import AutoModelForCausalLM
     path = sys.argv[1]
@@ -143,8 +143,10 @@ _LOAD = textwrap.dedent("""
     model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
     wall = time.perf_counter() - t0
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"wall": wall, "model_bytes": size, "peak_rss": rss}))
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its
+    # parent's peak
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    print(json.dumps({"wall": wall, "model_bytes": size, "peak_rss": int(status) * 1024}))
 """)
 
 
