@@ -123,6 +123,8 @@ def test_conversion_count_on_meta_skeleton(quantized):
     skeleton_types = (WaterSICLinear, WaterSICCheckpointLinear)
     files = [str(quantized["dir"] / "model.safetensors")]
 
+    from watersic_hf.storage.checkpoint import build_checkpoint_skeleton
+
     layers = quantized["model"].config.quantization_config.layers
     for keep in (None, ["mlp"]):
         cfg = WaterSICConfig.from_dict(quantized["model"].config.quantization_config.to_dict())
@@ -131,7 +133,13 @@ def test_conversion_count_on_meta_skeleton(quantized):
         hf_quantizer = WaterSICHfQuantizer(cfg, pre_quantized=True)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(tiny_config("llama"))
-        hf_quantizer.preprocess_model(skeleton, checkpoint_files=files)
+        if keep:
+            # the files store layers this config does not list: refused before any surgery
+            with pytest.raises(ValueError, match="does not list"):
+                hf_quantizer.preprocess_model(skeleton, checkpoint_files=files)
+            build_checkpoint_skeleton(skeleton, cfg.layers, version=2)
+        else:
+            hf_quantizer.preprocess_model(skeleton, checkpoint_files=files)
         n_q, n_lin = _count(skeleton, skeleton_types)
         assert n_q == len(cfg.layers) and n_q + n_lin == 15
         assert all(p.device.type == "meta" for p in skeleton.parameters())
