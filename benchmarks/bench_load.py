@@ -4,6 +4,7 @@ Writes the section ``bench_load`` of docs/benchmarks.md.
 
     python benchmarks/bench_load.py                 # everything (about 20 minutes on 2 cores)
     python benchmarks/bench_load.py --skip-8b       # SmolLM2 and the single layer only
+    python benchmarks/bench_load.py --only-8b       # the 8B-shaped model only (own section)
 
 Three parts:
 
@@ -256,8 +257,8 @@ def build_8b(bits: float) -> torch.nn.Module:
             words = pack_with_layout(codes, meta, p.layout, name=rel)
             scales = {"weight_col_scale": torch.full((n_in,), 0.01, dtype=torch.float16),
                       "weight_row_scale": torch.ones(n_out, dtype=torch.float16)}
-            tensors = {**words, "weight_perm": p.tensors["weight_perm"],
-                       "weight_group_meta": p.tensors["weight_group_meta"], **scales}
+            tensors = {**words, "weight_perm": p.tensors["weight_perm"].clone(),
+                       "weight_group_meta": p.tensors["weight_group_meta"].clone(), **scales}
             name = f"model.layers.{b}.{rel}"
             layer = WaterSICLinear.from_tensors(n_in, n_out, p.layout, tensors, None,
                                                 device="cpu")
@@ -323,6 +324,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.0)
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--only-8b", action="store_true",
+                        help="only the 8B-shaped model (its own section, bench_load_8b)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the 16 GB bf16 8B model")
     parser.add_argument("--tmp", default=None, help="folder for the checkpoints")
     args = parser.parse_args()
@@ -330,6 +333,14 @@ def main() -> None:
     lines = ["## bench_load: checkpoint format v2, save and load", "", machine_line(), "",
              f"Load average at the start: {load_avg:.1f} (2 cores; other jobs shared the "
              "machine when it is above 0)."]
+    if args.only_8b:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            lines += [""] + bench_8b(args.bits, tmp, with_bf16=not args.no_bf16)
+        lines[0] = "## bench_load_8b: checkpoint format v2 at Llama-3-8B scale"
+        lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+        update_section("bench_load_8b", "\n".join(lines))
+        print("\n".join(lines))
+        return
     lines += [""] + bench_layer(args.bits)
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
