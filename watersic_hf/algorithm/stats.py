@@ -71,16 +71,19 @@ def damped_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
         `tuple[torch.Tensor, float]`: ``L`` (n, n) float64 lower-triangular with positive
         diagonal, and the absolute damping ``δ`` actually used.
     """
-    n = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     if mean_diag <= 0:
         raise ValueError("sigma_xhat has a non-positive mean diagonal; it is not a second-moment "
                          "matrix of the live features")
     rel = float(damp)
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    # No identity matrix: one copy of h with δ added to its diagonal is bit-identical to h + δI
+    # (off-diagonal entries get + 0.0) and saves two (n, n) float64 temporaries.
+    damped = torch.empty_like(h)
     for _ in range(12):
         delta = rel * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + delta * eye)
+        damped.copy_(h)
+        damped.diagonal().add_(delta)
+        chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and bool(torch.isfinite(chol).all()):
             if rel != damp:
                 logger.warning("Cholesky failed at damp=%g; used damp=%g instead", damp, rel)

@@ -1,0 +1,144 @@
+"""Whole-model calibration time of SmolLM2-135M against one float forward over the same tokens.
+
+Issue 11's yardstick: quantize SmolLM2-135M (all 30 blocks, default WaterSIC settings: drift,
+residual compensation and attention weighting on) with ``nsamples × seqlen`` calibration tokens,
+and in the same process time one float forward of the whole model over those tokens. The ratio
+of the two is what the calibration engine costs in units of "one forward over the data"; it is
+robust to the load of a shared machine because both are measured back to back.
+
+The script also counts how many times each decoder block is called during calibration (a
+forward pre-hook on every block, so early-stopped partial passes count too), i.e. the number of
+block forward passes per block.
+
+Usage::
+
+    python benchmarks/bench_calibration.py --nsamples 32 --seqlen 512
+    python benchmarks/bench_calibration.py --nsamples 32 --seqlen 512 --json out.json --no-report
+
+Writes the section ``bench_calibration`` of docs/benchmarks.md (``--no-report`` to skip);
+``--baseline`` adds the rows of earlier ``--json`` outputs (e.g. of the engine before issue 11)
+to the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from _report import machine_line, update_section
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import watersic_hf
+from watersic_hf.assets import smollm2_dir
+from watersic_hf.integration.blocks import find_decoder_blocks
+from watersic_hf.integration.calibrate import calibrate_model
+from watersic_hf.integration.data import calibration_windows, make_batches
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def measure(nsamples: int, seqlen: int, label: str) -> dict[str, object]:
+    """Time one float forward and one whole-model calibration over the same tokens."""
+    path = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = watersic_hf.WaterSICConfig(bits=3, nsamples=nsamples, seqlen=seqlen, tokenizer=tok)
+    windows = calibration_windows(cfg.dataset, tok, nsamples=nsamples, seqlen=seqlen,
+                                  seed=cfg.seed, model=model,
+                                  vocab_size=model.config.vocab_size)
+    batches = make_batches(windows, cfg.batch_size)
+    load_before = _load_average()
+    with torch.no_grad():
+        model(batches[0][:, :8])  # warm-up (allocator, kernels' first call)
+        start = time.perf_counter()
+        for b in batches:
+            model(b)
+        forward_s = time.perf_counter() - start
+    _, blocks = find_decoder_blocks(model)
+    calls = [0] * len(blocks)
+
+    def counter(idx: int):
+        def hook(_m, _a):
+            calls[idx] += 1
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(counter(i)) for i, b in enumerate(blocks)]
+    start = time.perf_counter()
+    res = calibrate_model(model, cfg, modules_to_not_convert=["lm_head"])
+    calib_s = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    return {
+        "label": label,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "batches": len(batches),
+        "forward_s": forward_s,
+        "calibrate_s": calib_s,
+        "ratio": calib_s / forward_s,
+        "block_calls": sorted(set(calls)),
+        "achieved_bits": res.achieved_bits,
+        "load": f"{load_before} → {_load_average()}",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nsamples", type=int, nargs="+", default=[32])
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--label", default="this engine")
+    p.add_argument("--json", help="append the results as JSON lines to this file")
+    p.add_argument("--baseline", nargs="*", default=[], help="JSON-lines files of earlier runs")
+    p.add_argument("--no-report", action="store_true")
+    args = p.parse_args()
+
+    rows = []
+    for path in args.baseline:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    for n in args.nsamples:
+        r = measure(n, args.seqlen, args.label)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    table = "\n".join(
+        f"| {r['label']} | {r['nsamples']}×{r['seqlen']} | {r['batches']} | "
+        f"{', '.join(str(c) for c in r['block_calls'])} | {r['forward_s']:.1f} | "
+        f"{r['calibrate_s']:.0f} | **{r['ratio']:.1f}** | {r['achieved_bits']:.4f} | {r['load']} |"
+        for r in rows
+    )
+    md = f"""## bench_calibration: SmolLM2-135M calibration time vs one float forward
+
+{machine_line()}
+
+Whole-model WaterSIC calibration (3 bits, all 30 blocks, default settings: drift, residual
+compensation and attention weighting on, batch size 1) against one float forward of the whole
+model over the same calibration windows, timed back to back in one process with
+{rows[-1]['threads']} threads. *block calls*: calls of each decoder block during calibration (a
+pre-hook, so early-stopped passes count), B = batches. *load*: 1/5/15-minute load average before
+and after the run (the machine is shared).
+
+| engine | tokens | B | block calls | forward (s) | calibration (s) | ratio | bits | load |
+|---|---|---|---|---|---|---|---|---|
+{table}
+"""
+    print(md)
+    if not args.no_report:
+        update_section("bench_calibration", md)
+
+
+if __name__ == "__main__":
+    main()
