@@ -74,3 +74,34 @@ def test_prepared_statistics_refuse_other_inputs():
         algorithm.prepare_statistics(sx, n=12)
     with pytest.raises(TypeError, match="prepare_statistics"):
         algorithm.watersic_quantize(w, sx, 3.0, prepared=object())
+
+
+# ---------------------------------------------------------------------- passes and the probe
+
+
+def test_block_calls_per_block_and_model_config_untouched(one_thread):
+    """Each block runs B float passes, one quantized pass per group and batch, B next-cache passes
+    and one discovery pass (the engine before issue 11: 9B + 1); the probe never leaks into the
+    model's config."""
+    from _tiny import make_tiny_model
+
+    import watersic_hf
+    from watersic_hf.integration import calibrate as calib
+
+    model = make_tiny_model("llama")
+    before = model.config.to_json_string()
+    attn_impl = model.config._attn_implementation
+    batches = 3
+    cfg = watersic_hf.WaterSICConfig(bits=3, dataset=golden.calibration_ids()[:batches],
+                                     seqlen=golden.SEQLEN, nsamples=batches)
+    res = calib.calibrate_model(model, cfg, modules_to_not_convert=["lm_head"])
+    groups = 4  # q/k/v, o, gate/up, down
+    # Block 0 feeds block 1 (next-cache pass); block 1 is the last one and needs none.
+    assert res.block_calls == [batches * (groups + 2) + 1, batches * (groups + 1) + 1]
+    assert model.config._attn_implementation == attn_impl
+    assert model.config.to_json_string() == before
+    for module in model.modules():
+        cfg_m = getattr(module, "config", None)
+        if cfg_m is not None and hasattr(cfg_m, "_attn_implementation"):
+            assert cfg_m is model.config
+            assert not hasattr(cfg_m, "_watersic_sink")
