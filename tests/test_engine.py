@@ -105,3 +105,38 @@ def test_block_calls_per_block_and_model_config_untouched(one_thread):
         if cfg_m is not None and hasattr(cfg_m, "_attn_implementation"):
             assert cfg_m is model.config
             assert not hasattr(cfg_m, "_watersic_sink")
+
+
+# ---------------------------------------------------------------------------- memory diet
+
+
+def test_symmetrize_in_place_matches_the_copying_formula():
+    from watersic_hf.integration.stats import MomentAccumulator, symmetrize_
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    ref = 0.5 * (a + a.T)
+    got = symmetrize_(a.clone(), block=8)  # tiles that do not divide n
+    assert torch.equal(got, ref)
+    acc = MomentAccumulator(5, 5, "cpu")
+    x = torch.randn(40, 5, generator=g)
+    acc.add(x)
+    expected = acc.get()
+    taken = acc.take(symmetrize=True)
+    assert torch.equal(taken, 0.5 * (expected + expected.T))
+    with pytest.raises(RuntimeError, match="no tokens"):
+        acc.take()
+
+
+def test_exactly_symmetric_statistics_are_not_copied():
+    from watersic_hf.algorithm import _validate
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    sym = 0.5 * (a + a.T)
+    assert _validate.check_matrix("s", sym, (6, 6), symmetric=True,
+                                  device=torch.device("cpu")) is sym
+    near = sym.clone()
+    near[0, 1] += 1e-9
+    out = _validate.check_matrix("s", near, (6, 6), symmetric=True, device=torch.device("cpu"))
+    assert out is not near and torch.equal(out, out.T) and near[0, 1] != near[1, 0]

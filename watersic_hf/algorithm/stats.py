@@ -78,12 +78,14 @@ def damped_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     rel = float(damp)
     # No identity matrix: one copy of h with δ added to its diagonal is bit-identical to h + δI
     # (off-diagonal entries get + 0.0) and saves two (n, n) float64 temporaries.
-    damped = torch.empty_like(h)
+    # The factorisation then runs in place in that copy (LAPACK's potrf is in place), so the peak
+    # is h plus one (n, n) matrix.
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
     for _ in range(12):
         delta = rel * mean_diag
-        damped.copy_(h)
+        damped = h.clone(memory_format=torch.contiguous_format)
         damped.diagonal().add_(delta)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        chol, info = torch.linalg.cholesky_ex(damped, out=(damped, info))
         if int(info) == 0 and bool(torch.isfinite(chol).all()):
             if rel != damp:
                 logger.warning("Cholesky failed at damp=%g; used damp=%g instead", damp, rel)

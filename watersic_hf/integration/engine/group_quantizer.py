@@ -26,7 +26,9 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
     """``E‖W x − Ŵ x̂‖² / E‖W x‖²`` from second moments (x̂ = x in plain mode).
 
     Written as ``E‖W (x − x̂) + D x̂‖²`` with ``D = W − Ŵ`` so that no two large terms cancel; that
-    keeps fp32 GEMMs accurate, which the CPU uses (fp64 on an accelerator).
+    keeps fp32 GEMMs accurate, which the CPU uses (fp64 on an accelerator). The small drift
+    matrices ``E[(x − x̂)(x − x̂)ᵀ]`` and ``E[(x − x̂) x̂ᵀ]`` are formed in fp64 one row block at a
+    time and stored in the GEMM dtype, so the report costs no extra ``(n, n)`` fp64 matrix.
 
     Args:
         weight (`torch.Tensor` of shape ``(a, n)``): float weight.
@@ -37,15 +39,25 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
     dt = torch.float32 if sx.device.type == "cpu" else torch.float64
     w = weight.to(sx.device, dt)
     d = w - qweight.to(sx.device, dt)
-    sxh = (stats.sigma_xhat if stats.sigma_xhat is not None else sx).to(dt)
+    sxh = stats.sigma_xhat if stats.sigma_xhat is not None else sx
     ref = ((w @ sx.to(dt)) * w).sum()
-    err = ((d @ sxh) * d).sum()
+    err = ((d @ sxh.to(dt)) * d).sum()
     if stats.sigma_xhat is not None:
         sxxh = stats.sigma_x_xhat if stats.sigma_x_xhat is not None else stats.sigma_xhat
-        # E[(x − x̂)(x − x̂)ᵀ] and E[(x − x̂) x̂ᵀ], both small: the drift.
-        s_cross = sxxh.to(torch.float64) - stats.sigma_xhat.to(torch.float64)
-        s_delta = sx.to(torch.float64) - sxxh.to(torch.float64) - s_cross.T
-        err = err + ((w @ s_delta.to(dt)) * w).sum() + 2 * ((w @ s_cross.to(dt)) * d).sum()
+        n = sx.shape[0]
+        s_cross = torch.empty(n, n, dtype=dt, device=sx.device)
+        s_delta = torch.empty(n, n, dtype=dt, device=sx.device)
+        step = max(1, (1 << 22) // max(1, n))
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            # Rows i:j of E[(x − x̂) x̂ᵀ] = Σ_XX̂ − Σ_X̂ and of
+            # E[(x − x̂)(x − x̂)ᵀ] = Σ_X − Σ_XX̂ − (Σ_XX̂ − Σ_X̂)ᵀ, in fp64.
+            f64 = torch.float64
+            cross = sxxh[i:j].to(f64) - stats.sigma_xhat[i:j].to(f64)
+            cross_t = (sxxh[:, i:j].to(f64) - stats.sigma_xhat[:, i:j].to(f64)).T
+            s_cross[i:j] = cross
+            s_delta[i:j] = sx[i:j].to(f64) - sxxh[i:j].to(f64) - cross_t
+        err = err + ((w @ s_delta) * w).sum() + 2 * ((w @ s_cross) * d).sum()
     return float(err.clamp_min(0) / ref.clamp_min(1e-30))
 
 

@@ -78,12 +78,20 @@ class FixedMixPolicy:
             self.res.add(batch.dr, batch.x_hat)
 
     def stats(self) -> LayerStats:
+        """The group's statistics, normalised and symmetrised in place in the sums.
+
+        ``Σ_X`` and ``Σ_X̂`` are made exactly symmetric here, which is what the quantizer's
+        validation would do in a copy; so it takes them as they are and no second ``(n, n)`` fp64
+        matrix is made.
+        """
         if self.x is not None and self.cross is not None:
-            stats = LayerStats(self.x.get(), self.xhat.get(), self.cross.get())
+            stats = LayerStats(
+                self.x.take(symmetrize=True), self.xhat.take(symmetrize=True), self.cross.take()
+            )
         else:
-            stats = LayerStats(self.xhat.get())
+            stats = LayerStats(self.xhat.take(symmetrize=True))
         if self.res is not None and self.res.tokens:
-            stats.sigma_residual = self.res.get()
+            stats.sigma_residual = self.res.take()
         return stats
 
     def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
@@ -117,7 +125,9 @@ class AdaptiveEpsPolicy:
         step, ctx = self.step, self.ctx
         nxt = step.next_first
         assert nxt is not None
-        m = {k: a.get() for k, a in self.acc.items() if a.tokens}
+        # Not symmetrised here: the blends below are symmetrised by the quantizer's validation,
+        # exactly as before the engine split (symmetrising first would round differently).
+        m = {k: a.take() for k, a in self.acc.items() if a.tokens > 0}
         self.acc.clear()
         if "wx" not in m:  # the probe did not fire: fall back to unweighted statistics
             m.update(wx=m["x"], wxhat=m["xhat"], wcross=m["cross"])
