@@ -130,8 +130,10 @@ def transformed_target(
         b = sigma_residual
         y_extra = torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)
         return matmul_lower(w, chol) + y_extra
-    b = w @ sigma_x_xhat + delta * w
+    # In place in the product (the same additions in the same order): one (a, n) temporary less.
+    b = w @ sigma_x_xhat
+    b += delta * w
     if sigma_residual is not None:
-        b = b + sigma_residual
+        b += sigma_residual
     # Solve Y Lᵀ = B, i.e. right-multiply by L^{-T}.
     return torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)

@@ -27,8 +27,8 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
 
     Written as ``E‖W (x − x̂) + D x̂‖²`` with ``D = W − Ŵ`` so that no two large terms cancel; that
     keeps fp32 GEMMs accurate, which the CPU uses (fp64 on an accelerator). The small drift
-    matrices ``E[(x − x̂)(x − x̂)ᵀ]`` and ``E[(x − x̂) x̂ᵀ]`` are formed in fp64 one row block at a
-    time and stored in the GEMM dtype, so the report costs no extra ``(n, n)`` fp64 matrix.
+    matrices ``E[(x − x̂)(x − x̂)ᵀ]`` and ``E[(x − x̂) x̂ᵀ]`` are formed in fp64 and every product
+    is taken one column block at a time, so the report needs no ``(n, n)`` temporary at all.
 
     Args:
         weight (`torch.Tensor` of shape ``(a, n)``): float weight.
@@ -36,28 +36,28 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
         stats (`LayerStats`): the statistics the layer was quantized with.
     """
     sx = stats.sigma_x
-    dt = torch.float32 if sx.device.type == "cpu" else torch.float64
-    w = weight.to(sx.device, dt)
-    d = w - qweight.to(sx.device, dt)
-    sxh = stats.sigma_xhat if stats.sigma_xhat is not None else sx
-    ref = ((w @ sx.to(dt)) * w).sum()
-    err = ((d @ sxh.to(dt)) * d).sum()
-    if stats.sigma_xhat is not None:
-        sxxh = stats.sigma_x_xhat if stats.sigma_x_xhat is not None else stats.sigma_xhat
-        n = sx.shape[0]
-        s_cross = torch.empty(n, n, dtype=dt, device=sx.device)
-        s_delta = torch.empty(n, n, dtype=dt, device=sx.device)
-        step = max(1, (1 << 22) // max(1, n))
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            # Rows i:j of E[(x − x̂) x̂ᵀ] = Σ_XX̂ − Σ_X̂ and of
+    dev = sx.device
+    dt = torch.float32 if dev.type == "cpu" else torch.float64
+    f64 = torch.float64
+    w = weight.to(dev, dt)
+    d = w - qweight.to(dev, dt)
+    sxh = stats.sigma_xhat
+    sxxh = stats.sigma_x_xhat if stats.sigma_x_xhat is not None else sxh
+    n = sx.shape[0]
+    step = max(1, (1 << 22) // max(1, n))
+    ref = torch.zeros((), dtype=dt, device=dev)
+    err = torch.zeros((), dtype=dt, device=dev)
+    for i in range(0, n, step):
+        c = slice(i, min(i + step, n))
+        ref += ((w @ sx[:, c].to(dt)) * w[:, c]).sum()
+        err += ((d @ (sxh if sxh is not None else sx)[:, c].to(dt)) * d[:, c]).sum()
+        if sxh is not None and sxxh is not None:
+            # Columns c of E[(x − x̂) x̂ᵀ] = Σ_XX̂ − Σ_X̂ and of
             # E[(x − x̂)(x − x̂)ᵀ] = Σ_X − Σ_XX̂ − (Σ_XX̂ − Σ_X̂)ᵀ, in fp64.
-            f64 = torch.float64
-            cross = sxxh[i:j].to(f64) - stats.sigma_xhat[i:j].to(f64)
-            cross_t = (sxxh[:, i:j].to(f64) - stats.sigma_xhat[:, i:j].to(f64)).T
-            s_cross[i:j] = cross
-            s_delta[i:j] = sx[i:j].to(f64) - sxxh[i:j].to(f64) - cross_t
-        err = err + ((w @ s_delta) * w).sum() + 2 * ((w @ s_cross) * d).sum()
+            s_cross = sxxh[:, c].to(f64) - sxh[:, c].to(f64)
+            s_delta = sx[:, c].to(f64) - sxxh[:, c].to(f64) - (sxxh[c].to(f64) - sxh[c].to(f64)).T
+            err += ((w @ s_delta.to(dt)) * w[:, c]).sum()
+            err += 2 * ((w @ s_cross.to(dt)) * d[:, c]).sum()
     return float(err.clamp_min(0) / ref.clamp_min(1e-30))
 
 
