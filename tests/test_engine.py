@@ -140,3 +140,32 @@ def test_exactly_symmetric_statistics_are_not_copied():
     near[0, 1] += 1e-9
     out = _validate.check_matrix("s", near, (6, 6), symmetric=True, device=torch.device("cpu"))
     assert out is not near and torch.equal(out, out.T) and near[0, 1] != near[1, 0]
+
+
+def test_memory_model_predicts_measured_peak_rss():
+    """The memory model (engine/memory.py) is within 25% of the measured peak RSS of calibrating
+    a mid-size block (hidden 512, intermediate 2048: the down_proj group has n = 2048)."""
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, "-m", "watersic_hf.testing.block_memory", "--hidden", "512",
+         "--intermediate", "2048", "--heads", "8", "--kv-heads", "2", "--nsamples", "4",
+         "--seqlen", "128", "--threads", "1"],
+        capture_output=True, text=True, env=env, cwd=HERE, timeout=900, check=True,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["predicted_group"] == 3  # down_proj: the largest n
+    ratio = r["predicted_bytes"] / r["measured_bytes"]
+    assert 0.75 <= ratio <= 1.25, r
+
+
+def test_memory_model_terms():
+    from watersic_hf.integration.engine.memory import block_peak, group_bytes, llama_groups
+
+    n, a, h = 28672, 8192, 8192
+    # (3 statistics + 4 work matrices) fp64 n², the Gram row block, 8 fp64 (a, n), Σ_ΔR.
+    assert group_bytes(n, a, h, residual=True) == 56 * n * n + n * n + 64 * a * n + 8 * h * n
+    assert group_bytes(n, a, h, drift=False) == 40 * n * n + n * n + 64 * a * n
+    peak = block_peak(llama_groups(4096, 14336, 32, 8), 4096, 8192)
+    assert peak["group"] == 3 and peak["peak"] == peak["stats"] + peak["activations"]

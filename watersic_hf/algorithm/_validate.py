@@ -85,7 +85,7 @@ def check_matrix(
     return out
 
 
-def _row_blocks(n_rows: int, n_cols: int, budget: int = 1 << 22) -> list[tuple[int, int]]:
+def _row_blocks(n_rows: int, n_cols: int, budget: int = 1 << 20) -> list[tuple[int, int]]:
     """Row ranges of about ``budget`` entries each (at least one row)."""
     step = max(1, budget // max(1, n_cols))
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]

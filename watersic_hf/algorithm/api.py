@@ -293,6 +293,7 @@ def _sic_quantize(
 
         rho, _, history = secant_search(evaluate, h_target)
         step = step_for_rate(rho, gm)
+        del evaluate, chol32, y_sub  # the fp32 factor is n × n: free it before the full pass
 
     timer.mark("search")
     # 6. Full ZSIC on every row, in float64.
