@@ -169,3 +169,88 @@ def test_memory_model_terms():
     assert group_bytes(n, a, h, drift=False) == 40 * n * n + n * n + 64 * a * n
     peak = block_peak(llama_groups(4096, 14336, 32, 8), 4096, 8192)
     assert peak["group"] == 3 and peak["peak"] == peak["stats"] + peak["activations"]
+
+
+# ---------------------------------------------------------------------------------- resume
+
+_RESUME_CHILD = r"""
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from transformers import AutoModelForCausalLM
+import watersic_hf
+src, work, out = sys.argv[1:4]
+g = torch.Generator().manual_seed(3)
+ids = [torch.randint(0, 128, (48,), generator=g) for _ in range(6)]
+cfg = watersic_hf.WaterSICConfig(bits=3, dataset=ids, nsamples=6, seqlen=48, resume=True,
+                                 work_dir=work)
+model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+model.save_pretrained(out)
+"""
+
+
+def _run_child(args, **kw):
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", _RESUME_CHILD, *map(str, args)], env=env,
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def test_resume_after_kill_gives_byte_identical_checkpoint(tmp_path):
+    """Kill a quantizing process after some blocks are committed, rerun it with the same work
+    folder: it continues after the last finished block and saves the same bytes as a run that was
+    never interrupted."""
+    import signal
+    import time
+
+    from _tiny import make_tiny_model
+
+    blocks = 6
+    src = tmp_path / "src"
+    make_tiny_model("llama", src, num_hidden_layers=blocks)
+    work, out_resumed, out_plain = tmp_path / "work", tmp_path / "resumed", tmp_path / "plain"
+
+    proc = _run_child([src, work, tmp_path / "never"])
+    manifest = work / "manifest.json"
+    finished = 0
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists():
+            try:
+                finished = json.loads(manifest.read_text())["finished"]
+            except ValueError:  # replaced while reading
+                continue
+            if finished >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert 2 <= finished < blocks and not (tmp_path / "never").exists()
+
+    resumed = _run_child([src, work, out_resumed])
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming after block" in err  # it continued instead of starting over
+    assert not work.exists()  # removed once calibration completed
+
+    plain = _run_child([src, tmp_path / "work2", out_plain])
+    _, err = plain.communicate(timeout=900)
+    assert plain.returncode == 0, err[-2000:]
+    assert "resuming" not in err
+    files = sorted(p.name for p in out_plain.iterdir())
+    assert files == sorted(p.name for p in out_resumed.iterdir())
+    for name in files:
+        if name.endswith((".safetensors", ".json")):
+            assert (out_plain / name).read_bytes() == (out_resumed / name).read_bytes(), name
+
+
+def test_resume_refuses_a_folder_of_another_run(tmp_path):
+    from watersic_hf.integration.engine.resume import BlockStore
+
+    store = BlockStore(tmp_path, "a" * 64)
+    store.commit(0, {}, [], 0.0, 0, None, [])
+    assert store.load().finished == 1
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        BlockStore(tmp_path, "b" * 64).load()

@@ -46,6 +46,7 @@ from .engine import (
     relative_output_error,
 )
 from .engine.context import DeviceKwargs
+from .engine.resume import BlockStore, default_work_dir, fingerprint
 from .replace import quantizable_linears
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class _Calibrator:
                 )
         rate = RateControl(self.cfg.bits, total, enabled=self.cfg.rate_control)
         reports = ReportCollector()
+        self.rate, self.reports = rate, reports
         quantizer = GroupQuantizer(self.cfg, rate, [rate, reports])
         last = max(i for i, lin in enumerate(block_linears) if lin)
         n_blocks = len(self.blocks) if self.method == "rtn" else last + 1
@@ -205,13 +207,39 @@ class _Calibrator:
         logger.info("WaterSIC calibration on %d tokens (%d windows)", inputs.tokens, len(samples))
         fcache = list(inputs.hidden) if self.need_float else None
         qcache = list(inputs.hidden)
-        for idx, linears in enumerate(block_linears):
+        store, start = None, 0
+        if cfg.resume:
+            fp = fingerprint(self.model, cfg, self.skip, inputs.hidden)
+            store = BlockStore(cfg.work_dir or default_work_dir(fp), fp)
+            state = store.load()
+            if state is not None:
+                start = self._restore(state, bar)
+                fcache, qcache = state.fcache, state.qcache
+                logger.info("resuming after block %d (work folder %s)", start - 1, store.folder)
+        for idx in range(start, len(block_linears)):
             # The last block's outputs feed nothing that is quantized: no next-cache pass.
             want_next = idx + 1 < len(block_linears)
-            fcache, qcache = self._calibrate_block(
-                idx, self.blocks[idx], linears, inputs, fcache, qcache, quantizer, want_next
+            fcache, qcache, quantized = self._calibrate_block(
+                idx, self.blocks[idx], block_linears[idx], inputs, fcache, qcache, quantizer,
+                want_next,
             )
+            if store is not None:
+                ctl = self.rate.controller
+                store.commit(idx, quantized, self.reports.reports, ctl.used_bits,
+                             ctl.done_weights, fcache, qcache)
             bar.on_block(idx)
+        if store is not None:
+            store.remove()
+
+    def _restore(self, state: Any, bar: ProgressBar) -> int:
+        """Install the persisted blocks of a resumed run; returns the first block to calibrate."""
+        for idx in range(state.finished):
+            self._finish(idx, self.blocks[idx], state.weights[idx])
+            bar.on_block(idx)
+        self.rate.controller.used_bits = state.used_bits
+        self.rate.controller.done_weights = state.done_weights
+        self.reports.reports[:] = state.reports
+        return state.finished
 
     # ------------------------------------------------------------------ one block
     def _calibrate_block(
@@ -224,7 +252,7 @@ class _Calibrator:
         qcache: list[torch.Tensor],
         quantizer: GroupQuantizer,
         want_next: bool,
-    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], dict[str, Any]]:
         ex = self.executor
         with ex.onload(block):
             ctx = BlockContext(
@@ -267,7 +295,7 @@ class _Calibrator:
             new_f, new_q = runner.next_caches() if want_next else (None, [])
             self.result.block_calls.append(runner.calls + 1)  # + the discovery call
             self._finish(idx, block, quantized)
-        return (new_f if self.need_float else None), new_q
+        return (new_f if self.need_float else None), new_q, quantized
 
     def _warn_unprobed(self, block: nn.Module, attention_seen: bool) -> None:
         if (self.cfg.attention_weighted and self.need_float and not attention_seen
