@@ -99,7 +99,7 @@ def measure(nsamples: int, seqlen: int, label: str, blocks: int | None = None) -
         "calibrate_s": calib_s,
         "ratio": calib_s / forward_s,
         "block_ratio": calib_s / blocks_forward_s,
-        "block_calls": sorted(set(calls[:k])),
+        "block_calls": calls[:k],
         "achieved_bits": res.achieved_bits,
         "load": f"{load_before} → {_load_average()}",
         "threads": torch.get_num_threads(),
@@ -146,10 +146,12 @@ Whole-model WaterSIC calibration (3 bits, all 30 blocks, default settings: drift
 compensation and attention weighting on, batch size 1) against one float forward of the whole
 model over the same calibration windows, timed back to back in one process with
 {rows[-1]['threads']} threads. *blocks*: blocks quantized (the first ones; 30 = whole model).
-*block calls*: calls of each quantized decoder block during calibration (a pre-hook, so
-early-stopped passes count), B = batches. *forward*: the whole float forward; *fwd blocks*: the
+*block calls*: calls of each quantized decoder block during calibration, in block order (a
+pre-hook, so early-stopped passes count; block 0's count includes the B identity calls that
+capture the block inputs), B = batches. *forward*: the whole float forward; *fwd blocks*: the
 part of it spent in the quantized blocks. *ratio* = calibration / forward (the issue's measure,
-meaningful for the whole model); *block ratio* = calibration / fwd blocks. *load*: 1/5/15-minute
+meaningful only when blocks = 30); *block ratio* = calibration / fwd blocks (comparable between
+partial runs). *load*: 1/5/15-minute
 load average before and after the run (the machine is shared with other jobs).
 
 {header}
