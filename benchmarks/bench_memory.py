@@ -51,13 +51,21 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--from-json", help="tabulate the JSON lines of an earlier run instead")
     args = p.parse_args()
     tokens = args.nsamples * args.seqlen
     rows = []
-    for shape in args.shapes:
-        h, m = (int(v) for v in shape.split("x"))
-        r = run(h, m, args.nsamples, args.seqlen)
-        print(json.dumps(r), flush=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            measured = [json.loads(line) for line in f if line.strip()]
+    else:
+        measured = []
+        for shape in args.shapes:
+            h, m = (int(v) for v in shape.split("x"))
+            measured.append(run(h, m, args.nsamples, args.seqlen))
+            print(json.dumps(measured[-1]), flush=True)
+    for r in measured:
+        h, m, tokens = r["hidden"], r["intermediate"], r["tokens"]
         rows.append(
             f"| {h} / {m} | {tokens} | measured | {_gb(r['measured_bytes'])} | "
             f"{_gb(r['predicted_bytes'])} | {r['predicted_bytes'] / r['measured_bytes']:.2f} | "
@@ -80,9 +88,9 @@ One random Llama-shaped block (fp32), calibrated on the CPU with default WaterSI
 {args.nsamples} × {args.seqlen} random tokens; *measured*: peak RSS increase over the resident set
 at the start of calibration (after a warm-up on a tiny block), glibc mmap threshold pinned to 64
 KiB; *predicted*: `engine.memory.block_peak` (the down_proj group is the peak in every row).
-The 8B and 70B rows are predictions only (the 8B block needs ~20 GB and hours on this 2-core,
-shared machine). The 70B down_proj group alone (n = 28672, a = 8192) is predicted at
-**{_gb(down70)} GB** (issue 11 target: ≤ 40 GB).
+The 8B and 70B rows are predictions only (the 8B block needs about 18 GB and hours on this
+2-core machine shared with other jobs). The 70B down_proj group alone (n = 28672, a = 8192) is
+predicted at **{_gb(down70)} GB** (issue 11 target: ≤ 40 GB).
 
 {header}
 |---|---|---|---|---|---|---|
