@@ -275,6 +275,12 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="DIR", help="output folder (must be empty or absent)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="persist each finished block to OUT.watersic-resume/ and continue an interrupted run "
+        "from its last finished block (same result as an uninterrupted run)",
+    )
     p.add_argument("--method", choices=("watersic", "gptq", "rtn"), default="watersic")
     p.add_argument(
         "--storage",
@@ -429,6 +435,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         storage=args.storage,
         damp=args.damp,
+        resume=args.resume,
+        work_dir=str(out.with_name(out.name + ".watersic-resume")) if args.resume else None,
     )
     summary: dict[str, Any] = {
         "model": "default (SmolLM2-135M-Instruct)" if is_default else model_src,

@@ -21,6 +21,7 @@ import difflib
 import inspect
 import logging
 import math
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -52,6 +53,10 @@ _RESULT_FIELDS = (
     "checksums",
     "quant_method",
 )
+
+# How a run is executed, not what it produces: never written to config.json, so that a resumed
+# run saves the same checkpoint as an uninterrupted one.
+_RUN_OPTIONS = ("resume", "work_dir")
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "WaterSICConfig"]
 
@@ -203,6 +208,15 @@ class WaterSICConfig(QuantizationConfigMixin):
         backend (`str`, *optional*):
             Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"`` or ``"triton"``);
             ``None`` lets the module choose per device.
+        resume (`bool`, *optional*, defaults to `False`):
+            Persist every finished block to ``work_dir`` (atomically, with a manifest) and, when
+            the folder already holds blocks of the same model, data and settings, continue after
+            the last finished one. The checkpoint is the same as that of an uninterrupted run. The
+            folder is removed when calibration completes. Not written to ``config.json``.
+        work_dir (`str`, *optional*):
+            Folder for ``resume``; defaults to ``$WATERSIC_CACHE/resume/<fingerprint>``
+            (``~/.cache/watersic_hf/...``), keyed by the model, the calibration data and the
+            settings.
 
     Result fields (filled in by calibration, stored in ``config.json``; do not set them by hand):
         layers (`dict[str, dict]`): per replaced module ``{"in", "out", "bias", "layout", "bits",
@@ -243,6 +257,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         batch_size: int = 1,
         storage: str = "entropy",
         backend: str | None = None,
+        resume: bool = False,
+        work_dir: str | None = None,
         layers: dict[str, dict[str, Any]] | None = None,
         achieved_bits: float | None = None,
         calibration_tokens: int | None = None,
@@ -282,6 +298,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.batch_size = batch_size
         self.storage = storage
         self.backend = backend
+        self.resume = resume
+        self.work_dir = work_dir
         self.layers = dict(layers) if layers else {}
         self.achieved_bits = achieved_bits
         self.calibration_tokens = calibration_tokens
@@ -366,8 +384,15 @@ class WaterSICConfig(QuantizationConfigMixin):
             "attention_weighted",
             "adaptive_eps",
             "rate_control",
+            "resume",
         ):
             _check_bool(name, getattr(self, name))
+        if self.work_dir is not None:
+            if not isinstance(self.work_dir, (str, os.PathLike)):
+                raise TypeError(
+                    f"WaterSICConfig.work_dir must be a folder path, got {self.work_dir!r}"
+                )
+            self.work_dir = os.fspath(self.work_dir)
         self.attn_eps = _check_float("attn_eps", self.attn_eps, 0.0, 1.0)
         self.dead_threshold = _check_float("dead_threshold", self.dead_threshold, 0.0, 0.5)
         if self.damp is not None:
@@ -415,7 +440,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         """
         out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
-            if key.startswith("_"):
+            if key.startswith("_") or key in _RUN_OPTIONS:
                 continue
             if key in _RUNTIME_FIELDS:
                 value = value if isinstance(value, str) else None

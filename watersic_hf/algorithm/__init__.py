@@ -5,7 +5,13 @@ and fp16-exact per-row/per-column scales; see docs/algorithm.md for the algorith
 accounting and the numerics policy.
 """
 
-from .api import gptq_quantize, rtn_quantize, watersic_quantize
+from .api import (
+    PreparedStatistics,
+    gptq_quantize,
+    prepare_statistics,
+    rtn_quantize,
+    watersic_quantize,
+)
 from .entropy import column_entropies, mean_column_entropy, pooled_entropy
 from .stats import find_dead_columns
 from .theory import reverse_waterfilling_distortion, reverse_waterfilling_rate
@@ -13,12 +19,14 @@ from .weight import QuantizedWeight
 from .zsic import zsic, zsic_reference
 
 __all__ = [
+    "PreparedStatistics",
     "QuantizedWeight",
     "column_entropies",
     "find_dead_columns",
     "gptq_quantize",
     "mean_column_entropy",
     "pooled_entropy",
+    "prepare_statistics",
     "reverse_waterfilling_distortion",
     "reverse_waterfilling_rate",
     "rtn_quantize",

@@ -62,20 +62,33 @@ def check_matrix(
     if not mat.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {mat.dtype}")
     out = mat.to(device=device, dtype=torch.float64)
-    if not bool(torch.isfinite(out).all()):
+    # The checks run on row blocks, so that an (n, n) matrix costs no (n, n) temporaries (for
+    # n = 28672 each would be 6.6 GB in fp64).
+    rows = _row_blocks(out.shape[0], out.shape[1])
+    if not all(bool(torch.isfinite(out[i:j]).all()) for i, j in rows):
         raise ValueError(f"{name} contains NaN or Inf entries; recollect the calibration "
                          "statistics (an activation overflowed, e.g. fp16 inputs)")
     if symmetric:
-        scale = float(out.abs().max())
+        scale = max(float(out[i:j].abs().max()) for i, j in rows)
         if scale == 0.0:
             raise ValueError(f"{name} is all zeros; the layer saw no (non-zero) calibration "
                              "inputs, so there is nothing to fit — check the calibration hooks")
-        asym = float((out - out.T).abs().max())
+        asym = max(float((out[i:j] - out[:, i:j].T).abs().max()) for i, j in rows)
         if asym > 1e-4 * scale:
             raise ValueError(f"{name} is not symmetric (max |S - S^T| = {asym:.3g}, max |S| = "
                              f"{scale:.3g}); pass a second-moment matrix E[x x^T]")
-        out = 0.5 * (out + out.T)
+        if asym > 0.0:
+            # (S + Sᵀ)/2 as a new tensor (the caller's matrix is not modified). An exactly
+            # symmetric S (the calibration engine symmetrises its own sums in place) is its own
+            # symmetrisation, so it is returned without a copy.
+            out = 0.5 * (out + out.T)
     return out
+
+
+def _row_blocks(n_rows: int, n_cols: int, budget: int = 1 << 20) -> list[tuple[int, int]]:
+    """Row ranges of about ``budget`` entries each (at least one row)."""
+    step = max(1, budget // max(1, n_cols))
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
 def check_bits(bits: object) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -72,6 +73,137 @@ def _check_codes(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.int32)
 
 
+@dataclass(frozen=True)
+class PreparedStatistics:
+    """Validated, dead-column-reduced and factored second moments, shared by a group of layers.
+
+    The Linears of one group (q/k/v, gate/up) read the same input, so they are quantized with
+    the same ``Σ_X``, ``Σ_X̂`` and ``Σ_XX̂``; :func:`prepare_statistics` checks and factors them
+    once and every layer of the group reuses the result (algorithm.md 2.2 steps 0-1). Only the
+    per-layer pieces (weight, ``Σ_ΔR``, target, search) are computed per layer.
+
+    Attributes:
+        sources (`tuple`): the ``(sigma_x, sigma_xhat, sigma_x_xhat)`` tensors it was made from;
+            a quantizer given other tensors refuses it.
+        damp (`float`), dead_threshold (`float`): the settings it was made with.
+        n (`int`): in-features before dead-column removal.
+        dead (`torch.LongTensor` of shape `(n_dead,)`): dead columns.
+        keep (`torch.BoolTensor` of shape `(n,)` or None): live columns; None when none is dead.
+        sx (`torch.Tensor` of shape `(n_live, n_live)`, float64): symmetrised live ``Σ_X``.
+        h (`torch.Tensor` of shape `(n_live, n_live)`, float64): live ``Σ_X̂`` (``sx`` in plain
+            mode).
+        sxxh (`torch.Tensor` of shape `(n_live, n_live)`, float64, or None): live ``Σ_XX̂``.
+        chol (`torch.Tensor` of shape `(n_live, n_live)`, float64): ``L = chol(h + δ I)``.
+        delta (`float`): the absolute damping ``δ``.
+        has_xhat (`bool`): ``sigma_xhat`` was given.
+    """
+
+    sources: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    damp: float
+    dead_threshold: float
+    n: int
+    dead: torch.Tensor
+    keep: torch.Tensor | None
+    sx: torch.Tensor
+    h: torch.Tensor
+    sxxh: torch.Tensor | None
+    chol: torch.Tensor
+    delta: float
+    has_xhat: bool
+
+    @property
+    def n_dead(self) -> int:
+        return int(self.dead.numel())
+
+    def live(self, mat: torch.Tensor) -> torch.Tensor:
+        """Columns of ``mat`` (shape ``(a, n)``) at the live features."""
+        return mat if self.keep is None else mat[:, self.keep]
+
+
+@torch.no_grad()
+def prepare_statistics(
+    sigma_x: torch.Tensor,
+    *,
+    sigma_xhat: torch.Tensor | None = None,
+    sigma_x_xhat: torch.Tensor | None = None,
+    damp: float = 1e-4,
+    dead_threshold: float = 1e-3,
+    device: torch.device | str | None = None,
+    n: int | None = None,
+) -> PreparedStatistics:
+    """Validate, reduce to live features and factor a group's statistics once.
+
+    Pass the result as ``prepared=`` to :func:`watersic_quantize` / :func:`gptq_quantize`
+    together with the same ``sigma_*`` tensors; the codes are identical to calling them without
+    it.
+
+    Args:
+        sigma_x (`torch.Tensor` of shape `(n, n)`): ``E[x xᵀ]`` of the unquantized model.
+        sigma_xhat (`torch.Tensor` of shape `(n, n)`, *optional*): ``E[x̂ x̂ᵀ]``.
+        sigma_x_xhat (`torch.Tensor` of shape `(n, n)`, *optional*): ``E[x x̂ᵀ]``.
+        damp (`float`, *optional*, defaults to 1e-4): relative damping.
+        dead_threshold (`float`, *optional*, defaults to 1e-3): median-rule threshold.
+        device (*optional*): where to compute (defaults to ``sigma_x.device``).
+        n (`int`, *optional*): the layer's in-features; the matrices must be ``(n, n)``
+            (defaults to ``sigma_x.shape[1]``).
+
+    Returns:
+        [`PreparedStatistics`].
+    """
+    damp = V.check_positive("damp", damp, allow_zero=True)
+    dead_threshold = V.check_fraction("dead_threshold", dead_threshold)
+    if n is None:
+        if not isinstance(sigma_x, torch.Tensor) or sigma_x.ndim != 2:
+            raise TypeError("sigma_x must be an (n, n) torch.Tensor second-moment matrix")
+        n = int(sigma_x.shape[1])
+    if device is None:
+        device = sigma_x.device if isinstance(sigma_x, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    sx = V.check_matrix("sigma_x", sigma_x, (n, n), symmetric=True, device=device)
+    sxh = (None if sigma_xhat is None else
+           V.check_matrix("sigma_xhat", sigma_xhat, (n, n), symmetric=True, device=device))
+    sxxh = (None if sigma_x_xhat is None else
+            V.check_matrix("sigma_x_xhat", sigma_x_xhat, (n, n), symmetric=False,
+                           device=device))
+    # 0. Dead input features, from the UNQUANTIZED Σ_X.
+    dead = find_dead_columns(sx, dead_threshold)
+    if dead.numel() == n:
+        raise ValueError("every input feature of sigma_x is dead (non-positive or tiny diagonal); "
+                         "check the calibration statistics")
+    # Mask only when something is dead: boolean indexing copies each (n, n) matrix twice.
+    keep = live_mask(n, dead, device) if dead.numel() else None
+    if keep is not None:
+        sx = sx[keep][:, keep]
+        sxh = None if sxh is None else sxh[keep][:, keep]
+        sxxh = None if sxxh is None else sxxh[keep][:, keep]
+    h = sx if sxh is None else sxh
+    # 1. Damped Cholesky factor (fp64).
+    chol, delta = damped_cholesky(h, damp)
+    return PreparedStatistics(
+        sources=(sigma_x, sigma_xhat, sigma_x_xhat), damp=damp, dead_threshold=dead_threshold,
+        n=n, dead=dead, keep=keep, sx=sx, h=h, sxxh=sxxh, chol=chol, delta=delta,
+        has_xhat=sigma_xhat is not None)
+
+
+def _check_prepared(prepared: PreparedStatistics, sigma_x: torch.Tensor,
+                    sigma_xhat: torch.Tensor | None, sigma_x_xhat: torch.Tensor | None,
+                    damp: float, dead_threshold: float, n: int) -> None:
+    if not isinstance(prepared, PreparedStatistics):
+        raise TypeError(f"prepared must come from prepare_statistics(), got "
+                        f"{type(prepared).__name__}")
+    src = prepared.sources
+    if src[0] is not sigma_x or src[1] is not sigma_xhat or src[2] is not sigma_x_xhat:
+        raise ValueError("prepared was made from other statistics than the sigma_x / sigma_xhat / "
+                         "sigma_x_xhat passed; call prepare_statistics() with these tensors")
+    if prepared.damp != damp or prepared.dead_threshold != dead_threshold:
+        raise ValueError(f"prepared was made with damp={prepared.damp}, dead_threshold="
+                         f"{prepared.dead_threshold} but the call passes damp={damp}, "
+                         f"dead_threshold={dead_threshold}; prepare again with the same values")
+    if prepared.n != n:
+        raise ValueError(f"prepared statistics have n={prepared.n} in-features but the weight has "
+                         f"{n}")
+
+
 @torch.no_grad()
 def _sic_quantize(
     method: str,
@@ -91,6 +223,7 @@ def _sic_quantize(
     target: str,
     block_size: int,
     search_fraction: float,
+    prepared: PreparedStatistics | None = None,
 ) -> QuantizedWeight:
     """Shared body of :func:`watersic_quantize` and :func:`gptq_quantize` (``method``)."""
     weight = V.check_weight(weight)
@@ -107,34 +240,25 @@ def _sic_quantize(
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     device = weight.device
     a, n_orig = weight.shape
-    sx = V.check_matrix("sigma_x", sigma_x, (n_orig, n_orig), symmetric=True, device=device)
-    sxh = (None if sigma_xhat is None else
-           V.check_matrix("sigma_xhat", sigma_xhat, (n_orig, n_orig), symmetric=True,
-                          device=device))
-    sxxh = (None if sigma_x_xhat is None else
-            V.check_matrix("sigma_x_xhat", sigma_x_xhat, (n_orig, n_orig), symmetric=False,
-                           device=device))
+    if prepared is None:
+        prepared = prepare_statistics(sigma_x, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
+                                      damp=damp, dead_threshold=dead_threshold, device=device,
+                                      n=n_orig)
+    else:
+        _check_prepared(prepared, sigma_x, sigma_xhat, sigma_x_xhat, damp, dead_threshold, n_orig)
     sres = (None if sigma_residual is None else
             V.check_matrix("sigma_residual", sigma_residual, (a, n_orig), symmetric=False,
                            device=device))
 
     timer = _StageTimer(device)
-    # 0. Dead input features, from the UNQUANTIZED Σ_X.
-    dead = find_dead_columns(sx, dead_threshold)
-    n_dead = int(dead.numel())
+    dead, n_dead = prepared.dead, prepared.n_dead
     n_live = n_orig - n_dead
-    if n_live == 0:
-        raise ValueError("every input feature of sigma_x is dead (non-positive or tiny diagonal); "
-                         "check the calibration statistics")
-    keep = live_mask(n_orig, dead, device)
-    w = weight.to(torch.float64)[:, keep]
-    sx = sx[keep][:, keep]
-    h = sx if sxh is None else sxh[keep][:, keep]
-    sxxh = None if sxxh is None else sxxh[keep][:, keep]
-    sres = None if sres is None else sres[:, keep]
+    keep = prepared.keep
+    w = prepared.live(weight.to(torch.float64))
+    sx, h, sxxh, chol, delta = prepared.sx, prepared.h, prepared.sxxh, prepared.chol, prepared.delta
+    sres = None if sres is None else prepared.live(sres)
 
-    # 1-2. Damped Cholesky factor (fp64) and the transformed target.
-    chol, delta = damped_cholesky(h, damp)
+    # 2. The transformed target (step 1, the damped Cholesky factor, is in `prepared`).
     y = transformed_target(w, chol, delta, sxxh, sres)
     ldiag = chol.diagonal()
 
@@ -169,6 +293,7 @@ def _sic_quantize(
 
         rho, _, history = secant_search(evaluate, h_target)
         step = step_for_rate(rho, gm)
+        del evaluate, chol32, y_sub  # the fp32 factor is n × n: free it before the full pass
 
     timer.mark("search")
     # 6. Full ZSIC on every row, in float64.
@@ -187,7 +312,7 @@ def _sic_quantize(
         w0 = z * alpha[None, :]
         # C = W Σ_XX̂ + Σ_ΔR = B − δW, and B = Y Lᵀ in every mode (Y solves Y Lᵀ = B).
         cross = matmul_upper(y, chol.T) - delta * w
-        plain = sxh is None and sxxh is None and sres is None
+        plain = not prepared.has_xhat and sxxh is None and sres is None
         # tr(W Σ_X Wᵀ) only shifts J; in plain mode it is ⟨W, C⟩ for free.
         const = float((w * cross).sum()) if plain else float(((w @ sx) * w).sum())
         res = fit_rescalers(w0, h, cross, const, gamma, chol=chol, delta=delta)
@@ -196,12 +321,13 @@ def _sic_quantize(
     timer.mark("rescalers")
     # 8. Output: fp16-exact scales, dead columns re-inserted as zeros.
     row16, col16_live, _ = fp16_balance(t, alpha * g)
+    live = keep if keep is not None else slice(None)
     codes = torch.zeros((a, n_orig), dtype=torch.int32, device=device)
-    codes[:, keep] = _check_codes(z)
+    codes[:, live] = _check_codes(z)
     col16 = torch.zeros(n_orig, dtype=torch.float32, device=device)
-    col16[keep] = col16_live
+    col16[live] = col16_live
     gamma_full = torch.zeros(n_orig, dtype=torch.float32, device=device)
-    gamma_full[keep] = gamma.to(torch.float32)
+    gamma_full[live] = gamma.to(torch.float32)
     timer.mark("output")
     timer.log(method, a, n_orig)
     return QuantizedWeight(
@@ -229,6 +355,7 @@ def watersic_quantize(
     target: str = "original",
     block_size: int = DEFAULT_BLOCK,
     search_fraction: float = SEARCH_FRACTION,
+    prepared: PreparedStatistics | None = None,
 ) -> QuantizedWeight:
     """Quantize one linear weight with WaterSIC (arXiv 2603.04956), see docs/algorithm.md.
 
@@ -276,6 +403,9 @@ def watersic_quantize(
             already accounted for dead parameters).
         block_size (`int`, *optional*, defaults to 128): columns per ZSIC block.
         search_fraction (`float`, *optional*, defaults to 0.1): share of rows in the search.
+        prepared (`PreparedStatistics`, *optional*): the result of :func:`prepare_statistics`
+            for these ``sigma_*`` tensors (a group of layers sharing an input validates and
+            factors them once); the codes are the same as without it.
 
     Returns:
         [`QuantizedWeight`]: codes, fp16-exact scales, dead columns, rate information.
@@ -288,7 +418,7 @@ def watersic_quantize(
         "watersic", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
         sigma_residual=sigma_residual, step=step, damp=damp, lmmse=lmmse, rescale=rescale,
         dead_threshold=dead_threshold, seed=seed, target=target, block_size=block_size,
-        search_fraction=search_fraction)
+        search_fraction=search_fraction, prepared=prepared)
 
 
 @torch.no_grad()
@@ -308,6 +438,7 @@ def gptq_quantize(
     sigma_residual: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK,
     search_fraction: float = SEARCH_FRACTION,
+    prepared: PreparedStatistics | None = None,
 ) -> QuantizedWeight:
     """Entropy-coded GPTQ without clipping: one common step ``Δ`` for all columns.
 
@@ -326,7 +457,7 @@ def gptq_quantize(
         bits (`float`, *optional*, defaults to 3.0): rate per weight, as in watersic_quantize.
         step (`float`, *optional*): use this ``Δ`` and skip the search.
         damp, lmmse, dead_threshold, seed, target, sigma_xhat, sigma_x_xhat, sigma_residual,
-        block_size, search_fraction: as in :func:`watersic_quantize`.
+        block_size, search_fraction, prepared: as in :func:`watersic_quantize`.
 
     Returns:
         [`QuantizedWeight`] with ``method="gptq"`` and ``step = Δ``.
@@ -335,7 +466,7 @@ def gptq_quantize(
         "gptq", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
         sigma_residual=sigma_residual, step=step, damp=damp, lmmse=lmmse, rescale=False,
         dead_threshold=dead_threshold, seed=seed, target=target, block_size=block_size,
-        search_fraction=search_fraction)
+        search_fraction=search_fraction, prepared=prepared)
 
 
 @torch.no_grad()

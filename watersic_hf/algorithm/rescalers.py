@@ -80,9 +80,13 @@ def rescaler_loss(
 
 def _spd_solve(mat: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve ``mat x = rhs`` for a symmetric PSD-plus-ridge ``mat`` (Cholesky, else LU)."""
-    chol, info = torch.linalg.cholesky_ex(mat)
+    # Factor in a copy that becomes the factor (potrf is in place): one (n, n) temporary, not two.
+    work = mat.clone(memory_format=torch.contiguous_format)
+    info = torch.zeros((), dtype=torch.int32, device=mat.device)
+    chol, info = torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) == 0:
         return torch.cholesky_solve(rhs[:, None], chol).squeeze(1)
+    del work, chol
     return torch.linalg.solve(mat, rhs)
 
 
@@ -143,7 +147,9 @@ def fit_rescalers(
         t_prev, g_prev, loss_prev = t, g, loss
         # Γ-step: J(Γ) = (const − 2 Γ·f4 + Γᵀ F3 Γ)/(a n), F3 = Σ_X̂ ∘ (Ŵ0ᵀ diag(t²) Ŵ0).
         wt = t[:, None] * w0
-        f3 = sigma_xhat * gram(wt)
+        # In place in the Gram matrix (the product is commutative, so the bits are those of
+        # sigma_xhat * gram): one (n, n) matrix instead of two.
+        f3 = gram(wt).mul_(sigma_xhat)
         f4 = (wt * cross).sum(0)
 
         def q(gv: torch.Tensor, f3=f3, f4=f4) -> float:
@@ -152,10 +158,14 @@ def fit_rescalers(
         if iterations == 1:
             loss = loss_prev = q(g)
             losses.append(loss)
-        ridged = f3.clone()
-        ridged.diagonal().add_(_ridge(f3.diagonal()))
-        g_new = _spd_solve(ridged, f4)
-        del ridged
+        # The ridge goes onto f3's diagonal for the solve and is taken off again by restoring
+        # the saved diagonal (exact), so no ridged (n, n) copy is needed.
+        diag = f3.diagonal().clone()
+        f3.diagonal().add_(_ridge(diag))
+        try:
+            g_new = _spd_solve(f3, f4)
+        finally:
+            f3.diagonal().copy_(diag)
         if q(g_new) > loss:
             for frac in LINE_SEARCH:
                 cand = g + frac * (g_new - g)

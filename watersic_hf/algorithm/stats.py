@@ -71,16 +71,21 @@ def damped_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
         `tuple[torch.Tensor, float]`: ``L`` (n, n) float64 lower-triangular with positive
         diagonal, and the absolute damping ``δ`` actually used.
     """
-    n = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     if mean_diag <= 0:
         raise ValueError("sigma_xhat has a non-positive mean diagonal; it is not a second-moment "
                          "matrix of the live features")
     rel = float(damp)
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    # No identity matrix: one copy of h with δ added to its diagonal is bit-identical to h + δI
+    # (off-diagonal entries get + 0.0) and saves two (n, n) float64 temporaries.
+    # The factorisation then runs in place in that copy (LAPACK's potrf is in place), so the peak
+    # is h plus one (n, n) matrix.
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
     for _ in range(12):
         delta = rel * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + delta * eye)
+        damped = h.clone(memory_format=torch.contiguous_format)
+        damped.diagonal().add_(delta)
+        chol, info = torch.linalg.cholesky_ex(damped, out=(damped, info))
         if int(info) == 0 and bool(torch.isfinite(chol).all()):
             if rel != damp:
                 logger.warning("Cholesky failed at damp=%g; used damp=%g instead", damp, rel)
@@ -125,8 +130,10 @@ def transformed_target(
         b = sigma_residual
         y_extra = torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)
         return matmul_lower(w, chol) + y_extra
-    b = w @ sigma_x_xhat + delta * w
+    # In place in the product (the same additions in the same order): one (a, n) temporary less.
+    b = w @ sigma_x_xhat
+    b += delta * w
     if sigma_residual is not None:
-        b = b + sigma_residual
+        b += sigma_residual
     # Solve Y Lᵀ = B, i.e. right-multiply by L^{-T}.
     return torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)

@@ -1,0 +1,197 @@
+"""Statistics policies: how a group's paired batches become the statistics it is quantized with.
+
+One interface, two implementations:
+
+* :class:`FixedMixPolicy` — the paper's default: ``Σ_X̂``, and with drift ``Σ_X`` and ``Σ_XX̂``,
+  each token weighted by ``(1 − ε_a)·p + ε_a`` when the group is attention-weighted; plus
+  ``Σ_ΔR`` for the residual-writing Linears. One quantization per Linear.
+* :class:`AdaptiveEpsPolicy` — the adaptive (ε_q, ε_a) search (algorithm.md §3.6): keeps the
+  unweighted and the attention-weighted moments separately, quantizes the group at blends of them
+  and keeps the blend whose quantized block reproduces the float input of the next group best.
+
+Both accumulate fp32 per-batch products into fp64 sums (:class:`MomentAccumulator`) and are
+dropped as soon as their group is quantized, which frees the sums.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from ..stats import MomentAccumulator
+from .context import BlockContext, GroupStep, LayerStats
+from .group_quantizer import GroupQuantizer
+from .runner import PairedBatch, PairedRunner
+
+logger = logging.getLogger("watersic_hf.integration.calibrate")
+
+__all__ = ["AdaptiveEpsPolicy", "FixedMixPolicy", "StatisticsPolicy", "golden_section",
+           "make_policy"]
+
+
+class StatisticsPolicy(Protocol):
+    """Collects a group's statistics batch by batch, then quantizes the group."""
+
+    def add(self, batch: PairedBatch) -> None:
+        """Accumulate one paired batch."""
+
+    def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
+        """Quantize every Linear of the group (final weights written); returns the results."""
+
+
+def make_policy(step: GroupStep, ctx: BlockContext, config: Any) -> StatisticsPolicy:
+    """The policy for ``step``: adaptive-ε search when the plan asks for it, else the fixed mix."""
+    if step.adaptive:
+        return AdaptiveEpsPolicy(step, ctx, config)
+    return FixedMixPolicy(step, ctx, config)
+
+
+class FixedMixPolicy:
+    """Fixed attention mix ``ε_a = attn_eps`` and full drift correction (the paper's default)."""
+
+    def __init__(self, step: GroupStep, ctx: BlockContext, config: Any) -> None:
+        self.step, self.ctx = step, ctx
+        n = ctx.linears[step.first].in_features
+        dev = ctx.device
+        self.eps = config.attn_eps
+        self.drift = ctx.fcache is not None and config.drift
+        self.xhat = MomentAccumulator(n, n, dev)
+        self.x = MomentAccumulator(n, n, dev) if self.drift else None
+        self.cross = MomentAccumulator(n, n, dev) if self.drift else None
+        self.res = (
+            MomentAccumulator(ctx.linears[step.first].out_features, n, dev)
+            if step.residual is not None
+            else None
+        )
+
+    def add(self, batch: PairedBatch) -> None:
+        w = None if batch.p is None else (1.0 - self.eps) * batch.p + self.eps
+        self.xhat.add(batch.x_hat, weight=w)
+        if self.x is not None and self.cross is not None:
+            self.x.add(batch.x, weight=w)
+            self.cross.add(batch.x, batch.x_hat, weight=w)
+        if self.res is not None and batch.dr is not None:
+            self.res.add(batch.dr, batch.x_hat)
+
+    def stats(self) -> LayerStats:
+        """The group's statistics, normalised and symmetrised in place in the sums.
+
+        ``Σ_X`` and ``Σ_X̂`` are made exactly symmetric here, which is what the quantizer's
+        validation would do in a copy; so it takes them as they are and no second ``(n, n)`` fp64
+        matrix is made.
+        """
+        if self.x is not None and self.cross is not None:
+            stats = LayerStats(
+                self.x.take(symmetrize=True), self.xhat.take(symmetrize=True), self.cross.take()
+            )
+        else:
+            stats = LayerStats(self.xhat.take(symmetrize=True))
+        if self.res is not None and self.res.tokens:
+            stats.sigma_residual = self.res.take()
+        return stats
+
+    def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
+        return quantizer.quantize_group(self.ctx, self.step.names, self.stats())
+
+
+class AdaptiveEpsPolicy:
+    """Per-block search of the drift blend ε_q and the attention blend ε_a (golden section)."""
+
+    _KINDS = ("x", "xhat", "cross", "wx", "wxhat", "wcross")
+
+    def __init__(self, step: GroupStep, ctx: BlockContext, config: Any) -> None:
+        if step.next_first is None:
+            raise ValueError(f"the adaptive-eps search of {step.first} needs a next group")
+        self.step, self.ctx = step, ctx
+        self.steps = config.adaptive_eps_steps
+        n = ctx.linears[step.first].in_features
+        self.acc = {k: MomentAccumulator(n, n, ctx.device) for k in self._KINDS}
+
+    def add(self, batch: PairedBatch) -> None:
+        acc = self.acc
+        acc["x"].add(batch.x)
+        acc["xhat"].add(batch.x_hat)
+        acc["cross"].add(batch.x, batch.x_hat)
+        if batch.p is not None:
+            acc["wx"].add(batch.x, weight=batch.p)
+            acc["wxhat"].add(batch.x_hat, weight=batch.p)
+            acc["wcross"].add(batch.x, batch.x_hat, weight=batch.p)
+
+    def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
+        step, ctx = self.step, self.ctx
+        nxt = step.next_first
+        assert nxt is not None
+        # Not symmetrised here: the blends below are symmetrised by the quantizer's validation,
+        # exactly as before the engine split (symmetrising first would round differently).
+        m = {k: a.take() for k, a in self.acc.items() if a.tokens > 0}
+        self.acc.clear()
+        if "wx" not in m:  # the probe did not fire: fall back to unweighted statistics
+            m.update(wx=m["x"], wxhat=m["xhat"], wcross=m["cross"])
+        originals = {rel: ctx.linears[rel].weight.detach().clone() for rel in step.names}
+        ref_energy = runner.input_energy(nxt)
+
+        def mixed(eq: float, ea: float) -> LayerStats:
+            def blend(kind: str) -> torch.Tensor:
+                fam = {}
+                for pre in ("w", ""):
+                    x = m[pre + "x"]
+                    fam[pre] = x if kind == "x" else (1 - eq) * m[pre + kind] + eq * x
+                return (1 - ea) * fam["w"] + ea * fam[""]
+
+            return LayerStats(blend("x"), blend("xhat"), blend("cross"))
+
+        evaluated: dict[tuple[float, float], float] = {}
+
+        def evaluate(eq: float, ea: float) -> float:
+            key = (round(eq, 12), round(ea, 12))
+            if key in evaluated:
+                return evaluated[key]
+            quantizer.trial_group(ctx, step.names, mixed(eq, ea), originals)
+            evaluated[key] = runner.input_error(nxt) / max(ref_energy, 1e-300)
+            return evaluated[key]
+
+        evaluate(0.0, 0.0)
+        evaluate(1.0, 0.0)
+        golden_section(lambda e: evaluate(e, 0.0), self.steps)
+        eq_best = min((k for k in evaluated if k[1] == 0.0), key=lambda k: evaluated[k])[0]
+        evaluate(eq_best, 1.0)
+        golden_section(lambda e: evaluate(eq_best, e), self.steps)
+        best = min(evaluated, key=lambda k: evaluated[k])
+        logger.info(
+            "block %d: adaptive eps search chose eps_q=%.3f eps_a=%.3f (attention-output rel. "
+            "error %.4g, %d evaluations)",
+            ctx.index, best[0], best[1], evaluated[best], len(evaluated),
+        )
+        # Re-run the chosen point through the normal path so that it is charged and reported.
+        for rel in step.names:
+            ctx.linears[rel].weight.copy_(originals[rel])
+        return quantizer.quantize_group(ctx, step.names, mixed(*best))
+
+
+def golden_section(
+    f: Callable[[float], float], steps: int, lo: float = 0.0, hi: float = 1.0
+) -> float:
+    """Golden-section search of ``f`` on ``[lo, hi]`` with ``steps`` shrinking steps; returns the
+    midpoint of the final bracket (after evaluating it)."""
+    if steps <= 0:
+        return lo
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(steps):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    mid = 0.5 * (a + b)
+    f(mid)
+    return mid
