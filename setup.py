@@ -38,6 +38,8 @@ setup(
         "numpy",
         "tqdm",
         "constriction>=0.4",
+        # the CPU kernels (watersic_hf.cpu_kernels): a JIT from a pip wheel, no compiler needed
+        "numba>=0.68",
     ],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -157,8 +157,9 @@ class WaterSICConfig(QuantizationConfigMixin):
             On-disk format of the codes: ``"entropy"`` (entropy-coded stream) or ``"packed"`` (the
             fixed-width in-memory packing).
         backend (`str`, *optional*):
-            Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"`` or ``"triton"``);
-            ``None`` lets the module choose per device.
+            Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"``, ``"triton"`` or
+            ``"cpu"``); ``None`` lets the module choose per device (Triton on CUDA, the numba
+            kernels on CPU).
 
     Result fields (filled in by calibration, stored in ``config.json``; do not set them by hand):
         layers (`dict[str, dict]`): per replaced module ``{"in", "out", "bias", "layout", "bits",
