@@ -71,8 +71,8 @@ setup(
         "huggingface_hub",
         "numpy",
         "tqdm",
-        # compiled CPU loops (codec, packer): a JIT with prebuilt wheels, no compiler needed
-        "numba>=0.60",
+        # compiled CPU loops (codec, packer, CPU matmul): a JIT with prebuilt wheels, no compiler
+        "numba>=0.68",
         # XXH3-64 checksums of every checkpoint tensor
         "xxhash>=3.0",
         # decodes the "ans" streams of format-1 checkpoints only; pinned because its float-to-

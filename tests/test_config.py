@@ -87,7 +87,8 @@ def test_unknown_keys_warn_and_are_kept(caplog):
         ({"bit": 2}, r"unexpected keyword argument 'bit' \(did you mean 'bits'\?\)$"),
         ({"nsample": 8}, r"'nsample' \(did you mean 'nsamples'\?\)"),
         ({"seq_len": 8}, r"'seq_len' \(did you mean 'seqlen'\?\)"),
-        ({"frobnicate": 1}, r"argument 'frobnicate'; the options are: bits, dataset, .*backend, resume, work_dir$"),
+        ({"frobnicate": 1},
+         r"argument 'frobnicate'; the options are: bits, dataset, .*backend, resume, work_dir$"),
     ],
 )
 def test_unknown_keyword_arguments_raise_with_a_suggestion(kwargs, message):

@@ -206,8 +206,9 @@ class WaterSICConfig(QuantizationConfigMixin):
             On-disk format of the codes: ``"entropy"`` (entropy-coded stream) or ``"packed"`` (the
             fixed-width in-memory packing).
         backend (`str`, *optional*):
-            Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"`` or ``"triton"``);
-            ``None`` lets the module choose per device.
+            Forward kernel for :class:`watersic_hf.nn.WaterSICLinear` (``"torch"``, ``"triton"`` or
+            ``"cpu"``); ``None`` lets the module choose per device (Triton on CUDA, the numba
+            kernels on CPU).
         resume (`bool`, *optional*, defaults to `False`):
             Persist every finished block to ``work_dir`` (atomically, with a manifest) and, when
             the folder already holds blocks of the same model, data and settings, continue after
