@@ -662,6 +662,8 @@ def _numpy_views(weights: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
     hit = _views.get(id(packed_t))
     if hit is not None and hit[0]() is packed_t and hit[1] == key:
         return hit[2]
+    if not all(t.is_cpu for t in weights):
+        raise ValueError("backend='cpu' needs CPU tensors; use backend='auto' on CUDA.")
     packed, meta, perm, esc, base, col_scale, row_scale = (t.contiguous() for t in weights)
     esc_np = esc.numpy().view(np.uint32)
     views = (
@@ -721,7 +723,7 @@ def cpu_packed_matmul(
             f"group_meta has {n_groups} groups, row_scale has {row_scale.shape[0]} rows."
         )
     weights = (packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale)
-    if not (x.is_cpu and all(t.is_cpu for t in weights)):
+    if not x.is_cpu:
         raise ValueError("backend='cpu' needs CPU tensors; use backend='auto' on CUDA.")
     if m == 0:
         return x.new_empty(0, n)

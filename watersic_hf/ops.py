@@ -242,14 +242,19 @@ def packed_linear(
         # eager CPU calls skip the custom op's dispatcher (measured: ~30 µs of a ~100 µs
         # per-layer budget when decoding a small model); compiled graphs and autograd still
         # see the op
-        y = _cpu_kernels().cpu_packed_matmul(*args)
+        y = (_CPU_MATMUL or _load_cpu_matmul())(*args)
     else:
         y = _packed_linear_op(*args, chosen.value)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
-def _cpu_kernels():
-    """``watersic_hf.cpu_kernels``, imported on first use (``import numba`` takes ~0.5 s)."""
-    from . import cpu_kernels
+_CPU_MATMUL = None
 
-    return cpu_kernels
+
+def _load_cpu_matmul():
+    """``cpu_kernels.cpu_packed_matmul``, imported on first use (``import numba`` takes ~0.5 s)."""
+    global _CPU_MATMUL
+    from .cpu_kernels import cpu_packed_matmul
+
+    _CPU_MATMUL = cpu_packed_matmul
+    return cpu_packed_matmul

@@ -338,13 +338,17 @@ class WaterSICLinear(nn.Module):
                 f"input has {x.shape[-1]} features in its last dimension; this layer expects "
                 f"{self.in_features}."
             )
-        if self.format == "plain":
+        # parameters straight from _parameters: nn.Module.__getattr__ costs ~1 µs per name, and
+        # a decode step of a small model calls hundreds of layers
+        params = self._parameters
+        if self._layout["format"] == "plain":
             return ops.torch_plain_matmul(
-                x, self.weight_codes, self.weight_col_scale, self.weight_row_scale, self.bias
+                x, params["weight_codes"], params["weight_col_scale"],
+                params["weight_row_scale"], params["bias"],
             )
         return ops.packed_linear(
-            x, self._packed_tensors(), self.weight_col_scale, self.weight_row_scale, self.bias,
-            backend=self._backend,
+            x, self._packed_tensors(), params["weight_col_scale"], params["weight_row_scale"],
+            params["bias"], backend=self._backend,
         )
 
     def extra_repr(self) -> str:
