@@ -323,7 +323,7 @@ def checksum_line(path: str) -> str:
     """How fast the loader's checksum pass (XXH3-64 of every tensor, over memory-mapped files
     in the page cache) verifies the checkpoint in ``path``."""
     with open(os.path.join(path, "config.json")) as f:
-        expected = json.load(f)["quantization_config"]["checksums"]
+        expected = json.load(f)["quantization_config"]["checksums"]["tensors"]
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
     verify_safetensors_files(files, expected)  # warm the page cache
     best, hashed = float("inf"), 0
