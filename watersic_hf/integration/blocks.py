@@ -204,7 +204,12 @@ def capture_block_inputs(
     bypassed = [blocks[i] for i in range(last)]
     for b in bypassed:
         b.forward = _identity_forward  # instance attribute shadows the class method
-    input_device = model.get_input_embeddings().weight.device
+    embeddings = model.get_input_embeddings()
+    input_device = embeddings.weight.device
+    if input_device.type == "meta":
+        # Offloaded by accelerate: its hook reads the weights onto its execution device.
+        hook = getattr(embeddings, "_hf_hook", None)
+        input_device = torch.device(getattr(hook, "execution_device", None) or "cpu")
     hidden: list[torch.Tensor] = []
     kwargs_per_batch: list[dict[str, dict[str, Any]]] = []
     try:

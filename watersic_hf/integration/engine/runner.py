@@ -197,6 +197,13 @@ def _constant(out: torch.Tensor, device: torch.device) -> Callable[..., torch.Te
     return forward
 
 
+def _sequential_sum(values: list[float]) -> float:
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise a clear error for NaN/inf activations (an overflowing model dtype)."""
     if not torch.isfinite(x).all():
@@ -210,8 +217,11 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 class PairedRunner:
     """Runs one block's passes (see the module docstring) and pairs float and quantized inputs."""
 
-    def __init__(self, ctx: BlockContext, plan: BlockPlan) -> None:
+    def __init__(self, ctx: BlockContext, plan: BlockPlan,
+                 batch_sum: Callable[[list[float]], float] | None = None) -> None:
         self.ctx, self.plan = ctx, plan
+        # Adds per-batch scalars in batch order; a distributed run gathers every rank's batches.
+        self.batch_sum = batch_sum or _sequential_sum
         self.calls = 0  # block forward calls, for the benchmark and the pass-count test
         self._outputs = _OutputCache(ctx.linears, ctx.batches, ctx.device, ctx.cache_device)
         # Float-path captures per batch, on the cache device.
@@ -295,19 +305,21 @@ class PairedRunner:
     def input_error(self, name: str) -> float:
         """``Σ_b ‖x̂_name − x_name‖²`` with the block's current weights (adaptive-ε search)."""
         ctx = self.ctx
-        err = 0.0
+        errs = []
         with Tap(ctx.linears, inputs=(name,), stop_before=name) as tap:
             for b in range(ctx.batches):
                 tap.clear()
                 with self._outputs.serve(b):
                     self._call(ctx.qcache[b], b)
                 diff = tap.inp[name].float() - self.float_input(name, b).float()
-                err += float(diff.pow(2).sum())
-        return err
+                errs.append(float(diff.pow(2).sum()))
+        return self.batch_sum(errs)
 
     def input_energy(self, name: str) -> float:
         """``Σ_b ‖x_name‖²`` on the float path."""
-        return sum(float(self._fx[b][name].float().pow(2).sum()) for b in range(self.ctx.batches))
+        return self.batch_sum(
+            [float(self._fx[b][name].float().pow(2).sum()) for b in range(self.ctx.batches)]
+        )
 
     def finalize(self, step: GroupStep) -> None:
         """Mark a group's Linears final: later passes compute their outputs once, then reuse."""

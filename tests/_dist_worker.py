@@ -1,0 +1,50 @@
+"""Worker of tests/test_scale.py: calibrate tiny models and write code fingerprints (rank 0).
+
+Run in one process (``python _dist_worker.py OUT``) or under
+``torchrun --standalone --nproc-per-node 2 _dist_worker.py OUT``; the test compares the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "golden"))
+sys.path.insert(0, HERE)
+
+#: name -> WaterSICConfig keyword arguments (besides bits / dataset / seqlen / nsamples).
+CASES: dict[str, dict] = {
+    "default": {},  # 5 batches: 3 on rank 0, 2 on rank 1
+    "batch2_no_rate_control": {"batch_size": 2, "rate_control": False},
+    "adaptive": {"adaptive_eps": True, "adaptive_eps_steps": 1},
+    "gptq": {"method": "gptq"},
+}
+NSAMPLES, SEQLEN, VOCAB = 5, 16, 128
+
+
+def main(out: str) -> None:
+    from watersic_hf.integration.engine.distributed import init_from_environment
+
+    torch.set_num_threads(1)
+    comm = init_from_environment()
+    import make_calib_codes as golden
+
+    golden.NSAMPLES = NSAMPLES
+    golden.CASES = {name: ("llama", extra) for name, extra in CASES.items()}
+    result = {name: golden.fingerprint(name) for name in CASES}
+    if comm is None or comm.rank == 0:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+        os.replace(tmp, out)
+    if comm is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
