@@ -19,10 +19,12 @@ sys.path.insert(0, HERE)
 
 #: name -> WaterSICConfig keyword arguments (besides bits / dataset / seqlen / nsamples).
 CASES: dict[str, dict] = {
-    "default": {},  # 5 batches: 3 on rank 0, 2 on rank 1
-    "batch2_no_rate_control": {"batch_size": 2, "rate_control": False},
-    "adaptive": {"adaptive_eps": True, "adaptive_eps_steps": 1},
-    "gptq": {"method": "gptq"},
+    # 5 batches: 3 on rank 0, 2 on rank 1; rate control makes the owners of q/k/v take turns.
+    "default": {},
+    # 3 batches (2 + 1); independent targets: the Linears of a group are solved at the same time;
+    # the adaptive-eps search adds per-batch errors of both ranks in batch order.
+    "batch2_adaptive_no_rate_control": {"batch_size": 2, "rate_control": False,
+                                        "adaptive_eps": True, "adaptive_eps_steps": 1},
 }
 NSAMPLES, SEQLEN, VOCAB = 5, 16, 128
 

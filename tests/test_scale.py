@@ -1,8 +1,8 @@
 """Calibration at scale (issue 11): distributed runs and sequential onloading give the same codes.
 
-* ``torchrun --standalone --nproc-per-node 2`` (gloo, CPU) against one process, on tiny models, for
-  the default mix, batch 2 without rate control (Linears of a group solved at the same time on
-  different ranks), the adaptive-ε search and GPTQ; 5 batches, so the shards are uneven (3 + 2).
+* ``torchrun --standalone --nproc-per-node 2`` (gloo, CPU) against one process, on a tiny model,
+  for the default mix (5 batches: uneven shards 3 + 2) and for batch 2 with the adaptive-ε search
+  and without rate control (the Linears of a group solved at the same time on different ranks).
 * blocks offloaded to disk by ``device_map`` (accelerate hooks) are onloaded one at a time and give
   the codes, logits and checkpoint of the in-memory calibration.
 """

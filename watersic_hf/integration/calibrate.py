@@ -197,13 +197,14 @@ class _Calibrator:
         self, block_linears: list[dict[str, nn.Linear]], quantizer: GroupQuantizer,
         bar: ProgressBar,
     ) -> None:
-        for idx, (block, linears) in enumerate(zip(self.blocks, block_linears, strict=True)):
+        for idx, block in enumerate(self.blocks):
             with self.executor.onload(block):
                 quantized = {
                     rel: quantizer.quantize_linear(f"{self.prefix}.{idx}.{rel}", lin, None)
-                    for rel, lin in linears.items()
+                    for rel, lin in block_linears[idx].items()
                 }
                 self._finish(idx, block, quantized)
+            block_linears[idx] = {}  # the float Linears are garbage now (see _run_sequential)
             bar.on_block(idx)
 
     def _run_sequential(
