@@ -99,7 +99,9 @@ def run(args: argparse.Namespace, path: str, method: str, budget: int | None,
         cmd += [f"--{k}", str(getattr(args, k))]
     if budget:
         cmd += ["--budget", str(budget)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    # glibc's mmap threshold pinned (as in bench_memory.py) so that freed tensors go back to the
+    # system and RSS tracks live bytes.
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
     # cwd: not the repository root, whose kernels/ folder would shadow the name `kernels`
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     if out.returncode != 0:
@@ -172,7 +174,8 @@ def main() -> None:
         "",
         machine_line(),
         f"Machine shared with other jobs: load average {load[0]:.2f} at the start, {load[1]:.2f} "
-        f"at the end (2 cores); runs under `nice -n 19`, {args.threads} threads.",
+        f"at the end (2 cores); runs under `nice -n 19`, {args.threads} threads, "
+        "`MALLOC_MMAP_THRESHOLD_=65536`.",
         "",
         f"Synthetic Llama: {args.blocks} blocks, hidden {h}, intermediate {m}, vocab {v}, random "
         f"fp32 weights in safetensors: {_mb(model_bytes)} MiB ({_mb(block)} MiB per block, "

@@ -284,6 +284,9 @@ class BlockStructure:
     order: list[str] = field(default_factory=list)
     residual_ok: bool = False
     attention_seen: bool = False
+    #: ``out == (h + y_attn) + y_mlp`` holds bit for bit on the discovery batch: the block output
+    #: can be assembled from its parts instead of running the block again.
+    residual_exact: bool = False
 
 
 @contextlib.contextmanager
@@ -381,12 +384,30 @@ def discover_groups(
                 hidden, out, outputs[attn_out], outputs[mlp_out]
             ):
                 structure.residual_ok = True
+                structure.residual_exact = _is_exact_residual(
+                    hidden, out, outputs[attn_out], outputs[mlp_out]
+                )
                 for g in groups:
                     if g.names == [attn_out]:
                         g.residual = "attn"
                     elif g.names == [mlp_out]:
                         g.residual = "mlp"
     return structure
+
+
+def residual_sum(h_in: torch.Tensor, y_attn: torch.Tensor, y_mlp: torch.Tensor) -> torch.Tensor:
+    """``(h_in + y_attn) + y_mlp`` in the order and dtype a pre-norm residual block adds them."""
+    return (h_in + y_attn.reshape(h_in.shape)) + y_mlp.reshape(h_in.shape)
+
+
+def _is_exact_residual(
+    h_in: torch.Tensor, h_out: torch.Tensor, y_attn: torch.Tensor, y_mlp: torch.Tensor
+) -> bool:
+    """True when :func:`residual_sum` reproduces the block output bit for bit."""
+    if y_attn.numel() != h_in.numel() or y_mlp.numel() != h_in.numel():
+        return False
+    total = residual_sum(h_in, y_attn, y_mlp)
+    return total.dtype == h_out.dtype and torch.equal(total, h_out.reshape(h_in.shape))
 
 
 def _is_plain_residual(

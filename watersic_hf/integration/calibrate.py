@@ -323,7 +323,8 @@ class _Calibrator:
                 plan = make_plan(structure, self.cfg, float_path=self.need_float,
                                  probed=bool(probe))
                 runner = PairedRunner(
-                    ctx, plan, batch_sum=None if self.comm is None else self.comm.ordered_sum
+                    ctx, plan, batch_sum=None if self.comm is None else self.comm.ordered_sum,
+                    want_next=want_next,
                 )
                 runner.run_float()
             quantized: dict[str, Any] = {}
