@@ -3,10 +3,12 @@
 A synthetic Llama (random weights, saved as safetensors) is quantized with
 ``from_pretrained(..., device_map="auto", max_memory={"cpu": BUDGET}, offload_folder=...)``; the
 blocks that do not fit stay on disk and are read one at a time. Each run is a fresh process whose
-VmHWM is reported next to the bound ``constant + 2 blocks + embeddings + activation caches +
-quantized blocks`` (the constant is the process's RSS after its imports, measured in the same
-process; the quantized blocks are the output, kept in memory). An in-memory run (no device map)
-of the same model and method gives the peak without onloading.
+VmHWM is reported next to the bound ``constant + 2 blocks + embeddings + quantized blocks +
+calibration working set`` (the constant is the process's RSS after its imports, measured in the
+same process; the quantized blocks are the output, kept in memory; the working set is the memory
+model's peak of one block, :func:`watersic_hf.integration.engine.memory.block_peak`: activation
+caches plus one group's fp64 statistics, zero for the data-free RTN). An in-memory run (no
+device map) of the same model and method gives the peak without onloading.
 
 Usage::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -125,6 +128,7 @@ def main() -> None:
     p.add_argument("--watersic-blocks", type=int, default=2,
                    help="blocks calibrated in the WaterSIC run (the others stay float, on disk)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--from-log", help="tabulate the printed lines of an earlier run instead")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -151,24 +155,41 @@ def main() -> None:
     budget = embeddings + block + block // 4
     tokens = args.nsamples * args.seqlen
     caches = 3 * tokens * h * 4  # both block-input caches and the next float cache, fp32
-    load = [os.getloadavg()[0]]
+    from watersic_hf.integration.engine.memory import block_peak, llama_groups
+
+    working = block_peak(llama_groups(h, m, h // 64, max(1, h // 256)), h, tokens)
     rows = []
+    if args.from_log:
+        # Re-tabulate the JSON lines of an earlier run (printed as "METHOD WHERE {json} ...").
+        with open(args.from_log) as f:
+            text_in = f.read()
+        load = [float(x) for x in re.findall(r"load average ([0-9.]+) at the start, ([0-9.]+)",
+                                             text_in)[0]]
+        for line in text_in.splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and parts[0] in ("rtn", "watersic") and "{" in parts[2]:
+                where = "in memory" if parts[1] == "in" else "offloaded"
+                r = json.loads(parts[2][parts[2].index("{"):parts[2].rindex("}") + 1])
+                ncal = args.blocks if parts[0] == "rtn" else args.watersic_blocks
+                rows.append((parts[0], where, ncal, None, r))
+    else:
+        load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench_onload-") as tmp:
         path = os.path.join(tmp, "model")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--make", "--path", path,
-                        *[a for k in ("blocks", "hidden", "intermediate", "vocab")
-                          for a in (f"--{k}", str(getattr(args, k)))]],
-                       check=True, cwd=tmp, capture_output=True)
         cases = [("rtn", "offloaded", budget, args.blocks),
                  ("watersic", "offloaded", budget, args.watersic_blocks),
                  ("rtn", "in memory", None, args.blocks)]
-        for method, where, b, ncal in cases:
+        for method, where, b, ncal in ([] if args.from_log else cases):
+            if not rows:
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--make", "--path",
+                                path, *[a for k in ("blocks", "hidden", "intermediate", "vocab")
+                                        for a in (f"--{k}", str(getattr(args, k)))]],
+                               check=True, cwd=tmp, capture_output=True)
             r = run(args, path, method, b, ncal)
-            bound = r["baseline_rss"] + 2 * block + embeddings + (caches if method != "rtn" else 0)
-            bound += r["quantized_layer_bytes"]
-            rows.append((method, where, ncal, b, r, bound))
-            print(method, where, json.dumps(r), f"bound {_mb(bound)} MiB", flush=True)
-    load.append(os.getloadavg()[0])
+            rows.append((method, where, ncal, b, r))
+            print(method, where, json.dumps(r), flush=True)
+    if not args.from_log:
+        load.append(os.getloadavg()[0])
     lines = [
         "## Sequential onloading: peak RSS of a model larger than its memory budget",
         "",
@@ -181,16 +202,20 @@ def main() -> None:
         f"fp32 weights in safetensors: {_mb(model_bytes)} MiB ({_mb(block)} MiB per block, "
         f"{_mb(embeddings)} MiB embeddings + lm_head). Budget `max_memory={{'cpu': "
         f"{_mb(budget)} MiB}}` (embeddings + 1.25 blocks); calibration {args.nsamples} × "
-        f"{args.seqlen} tokens (activation caches {_mb(caches)} MiB). Each run is a fresh process "
+        f"{args.seqlen} tokens (activation caches {_mb(caches)} MiB; the memory model's "
+        f"calibration working set of one block, caches and one group's fp64 statistics, "
+        f"{_mb(working['peak'])} MiB). Each run is a fresh process "
         "(`python benchmarks/bench_onload.py`); *constant* = its RSS after imports, *quantized* = "
         "the WaterSICLinear tensors it ends with. Bound = constant + 2 blocks + embeddings + "
-        "caches (calibrated methods) + quantized.",
+        "quantized + working set (WaterSIC only; RTN is data-free).",
         "",
         "| method | weights | blocks quantized | blocks on disk / in memory | wall s "
         "| constant MiB | quantized MiB | bound MiB | **peak RSS MiB** |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, where, ncal, _budget, r, bound in rows:
+    for method, where, ncal, _budget, r in rows:
+        bound = r["baseline_rss"] + 2 * block + embeddings + r["quantized_layer_bytes"]
+        bound += working["peak"] if method != "rtn" else 0
         lines.append(
             f"| {method} | {where} | {ncal} | {r['blocks_on_disk']} / {r['blocks_in_memory']} | "
             f"{r['wall']:.0f} | {_mb(r['baseline_rss'])} | {_mb(r['quantized_layer_bytes'])} | "
