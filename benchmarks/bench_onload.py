@@ -234,8 +234,9 @@ def main() -> None:
     lines += ["", f"The WaterSIC run calibrates the first {args.watersic_blocks} blocks (the "
               "others are kept in float by `modules_to_not_convert` and never read) to keep the "
               f"benchmark short{per_block}; its working set is per block (the memory model), "
-              "and the 24-block RTN run shows that onloaded blocks do not accumulate. The codes "
-              "of an onloaded calibration equal the in-memory ones (tests/test_scale.py)."]
+              f"and the {args.blocks}-block RTN run shows that onloaded blocks do not "
+              "accumulate. The codes of an onloaded calibration equal the in-memory ones "
+              "(tests/test_scale.py)."]
     text = "\n".join(lines)
     print(text)
     if not args.no_report:
