@@ -48,7 +48,8 @@ def worker(args: argparse.Namespace) -> None:
     ids = [torch.randint(0, args.vocab, (args.seqlen,), generator=g)
            for _ in range(args.nsamples)]
     qcfg = watersic_hf.WaterSICConfig(bits=3, dataset=ids, seqlen=args.seqlen,
-                                      nsamples=args.nsamples, damp=0.05)
+                                      nsamples=args.nsamples, damp=0.05,
+                                      rate_control=not args.no_rate_control)
     seen: list[str] = []
     real = WaterSICLinear.from_quantized.__func__
 
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--no-rate-control", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -94,26 +96,30 @@ def main() -> None:
              for a in (f"--{k}", str(getattr(args, k)))]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     load = [os.getloadavg()[0]]
-    results = {}
+    results: dict[tuple[bool, int], dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_distributed-") as tmp:
-        for world in (1, 2):
-            out = os.path.join(tmp, f"w{world}.json")
-            launcher = ([sys.executable] if world == 1 else
-                        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc-per-node", str(world)])
-            t0 = time.perf_counter()
-            # cwd: not the repository root, whose kernels/ folder would shadow `kernels`
-            proc = subprocess.run([*launcher, os.path.abspath(__file__), "--worker", "--out", out,
-                                   *sizes], env=env, cwd=tmp, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr[-3000:])
-            with open(out) as f:
-                results[world] = json.load(f) | {"wall": wall}
-            print(world, results[world]["seconds"], wall, flush=True)
+        for rate_control in (True, False):
+            for world in (1, 2):
+                out = os.path.join(tmp, f"w{world}-{rate_control}.json")
+                launcher = ([sys.executable] if world == 1 else
+                            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", str(world)])
+                flags = [] if rate_control else ["--no-rate-control"]
+                t0 = time.perf_counter()
+                # cwd: not the repository root, whose kernels/ folder would shadow `kernels`
+                proc = subprocess.run([*launcher, os.path.abspath(__file__), "--worker", "--out",
+                                       out, *sizes, *flags], env=env, cwd=tmp,
+                                      capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr[-3000:])
+                with open(out) as f:
+                    results[rate_control, world] = json.load(f) | {"wall": wall}
+                print(rate_control, world, results[rate_control, world]["seconds"], wall,
+                      flush=True)
     load.append(os.getloadavg()[0])
-    same = results[1]["layers"] == results[2]["layers"]
-    n_layers = len(results[1]["layers"])
+    same = all(results[rc, 1]["layers"] == results[rc, 2]["layers"] for rc in (True, False))
+    n_layers = len(results[True, 1]["layers"])
     lines = [
         "## Distributed calibration: one process against two (gloo, CPU)",
         "",
@@ -126,18 +132,23 @@ def main() -> None:
         f"tokens (batch 1: {args.nsamples} batches, {args.nsamples // 2} per rank with two "
         "processes). `python benchmarks/bench_distributed.py`.",
         "",
-        "| processes | calibrate_model s (rank 0) | command wall s | achieved bits |",
-        "|---|---|---|---|",
+        "| rate control | processes | calibrate_model s (rank 0) | command wall s "
+        "| achieved bits | codes = 1 process |",
+        "|---|---|---|---|---|---|",
     ]
-    for world, r in results.items():
-        lines.append(f"| {world} | {r['seconds']:.1f} | {r['wall']:.1f} | "
-                     f"{r['achieved_bits']:.6f} |")
-    lines += ["", f"Codes and scales of all {n_layers} layers identical (SHA-256): "
-              f"**{'yes' if same else 'NO'}**. Speed-up of calibrate_model: "
-              f"{results[1]['seconds'] / results[2]['seconds']:.2f}×. The forward passes run in "
-              "parallel; the statistics GEMMs run rank after rank (the chain that keeps Σ "
-              "bit-identical) and, with rate control on, the Linears of a group are solved one "
-              "after the other, each on its owner rank."]
+    for (rc, world), r in results.items():
+        eq = "–" if world == 1 else ("yes" if r["layers"] == results[rc, 1]["layers"] else "NO")
+        lines.append(f"| {'on' if rc else 'off'} | {world} | {r['seconds']:.1f} | "
+                     f"{r['wall']:.1f} | {r['achieved_bits']:.6f} | {eq} |")
+    speed = {rc: results[rc, 1]["seconds"] / results[rc, 2]["seconds"] for rc in (True, False)}
+    lines += ["", f"Codes and scales of all {n_layers} layers identical to one process "
+              f"(SHA-256): **{'yes' if same else 'NO'}**. calibrate_model speed-up with two "
+              f"processes: {speed[True]:.2f}× with rate control, {speed[False]:.2f}× without. "
+              "The forward passes run in parallel; the statistics GEMMs run rank after rank (the "
+              "chain that keeps Σ bit-identical); with rate control each Linear's target depends "
+              "on the previous Linear's rate, so the Linears of a group are solved one after the "
+              "other (each on its owner rank), without it at the same time. With other jobs on "
+              "the two cores, two processes do not get twice the CPU of one."]
     text = "\n".join(lines)
     print(text)
     if not args.no_report:
