@@ -50,3 +50,44 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+#: fp32 products of four batches whose fp64 sum depends on the order of the additions:
+#: ((1e20 + 1) − 1e20) + 1 = 1 in batch order, but per-rank partial sums (1e20 + 1 = 1e20 and
+#: −1e20 + 1 = −1e20) all-reduced give 0.
+ORDER_SENSITIVE = [(1e10, 1e10), (1.0, 1.0), (1e10, -1e10), (1.0, 1.0)]
+
+
+def chain_check(rank: int, world: int, port: int) -> None:
+    """One rank of ``test_chain_reduce_adds_in_batch_order`` (``torch.multiprocessing.spawn``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from watersic_hf.integration.engine.distributed import Communicator, shard_bounds
+        from watersic_hf.integration.stats import MomentAccumulator
+
+        comm = Communicator(rank, world, torch.device("cpu"))
+        batches = [(torch.tensor([[u]]), torch.tensor([[v]])) for u, v in ORDER_SENSITIVE]
+        one = MomentAccumulator(1, 1, "cpu")
+        for u, v in batches:
+            one.add(u, v)
+        start, stop = shard_bounds(len(batches), world)[rank]
+        mine = MomentAccumulator(1, 1, "cpu")
+
+        def add_local() -> None:
+            for u, v in batches[start:stop]:
+                mine.add(u, v)
+
+        if rank == 0:
+            add_local()
+        comm.chain_reduce([mine], add_local)
+        assert mine.tokens == one.tokens == len(batches)
+        assert torch.equal(mine.sum, one.sum), (mine.sum, one.sum)
+        # The same batches summed per rank and all-reduced round differently.
+        part = MomentAccumulator(1, 1, "cpu")
+        for u, v in batches[start:stop]:
+            part.add(u, v)
+        dist.all_reduce(part.sum)
+        assert not torch.equal(part.sum, one.sum), "the data no longer tell the orders apart"
+    finally:
+        dist.destroy_process_group()

@@ -1,5 +1,7 @@
 """Calibration at scale (issue 11): distributed runs and sequential onloading give the same codes.
 
+* the chain reduction of the moment sums against the one-process sum, on data where an all-reduce
+  of per-rank partial sums rounds differently (on the tiny models both happen to be exact);
 * ``torchrun --standalone --nproc-per-node 2`` (gloo, CPU) against one process, on a tiny model,
   for the default mix (5 batches: uneven shards 3 + 2) and for batch 2 with the adaptive-ε search
   and without rate control (the Linears of a group solved at the same time on different ranks).
@@ -40,6 +42,22 @@ def test_shard_bounds_are_contiguous_and_refuse_too_few_batches():
     assert shard_bounds(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     with pytest.raises(ValueError, match="3 calibration batches cannot be shared by 4"):
         shard_bounds(3, 4)
+
+
+def test_chain_reduce_adds_in_batch_order():
+    """The moment sums of two gloo ranks equal the one-process sum bit for bit on data where an
+    all-reduce of per-rank partial sums does not (fp64 addition is not associative)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, HERE)
+    import _dist_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker.chain_check, args=(2, port), nprocs=2, join=True)
 
 
 def test_two_gloo_processes_give_the_codes_of_one(tmp_path):
