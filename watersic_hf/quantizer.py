@@ -3,8 +3,8 @@
 Two modes, chosen by transformers:
 
 * **quantize on load** (``pre_quantized=False``): the float model is loaded normally (on the CPU
-unless
-  a ``device_map`` says otherwise), then :func:`~watersic_hf.integration.calibrate.calibrate_model`
+  unless a ``device_map`` says otherwise; blocks offloaded to disk are read one at a time during
+  calibration), then :func:`~watersic_hf.integration.calibrate.calibrate_model`
   runs in ``_process_model_after_weight_loading`` and replaces the Linears of every decoder block;
 * **load a saved checkpoint** (``pre_quantized=True``): before the weights are read, the Linears
 listed
