@@ -20,13 +20,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _jit
+from .._numba import lazy_module
 from ._model import PRECISION, TOTAL, Table
 from ._tokens import ALPHABET
 
+_jit = lazy_module("watersic_hf.storage._jit")  # numba loads on first use (see _numba.py)
+
 SEGMENT_SYMBOLS = 1 << 18  # target codes per segment
 SYMBOLS_PER_LANE = 4096
-MAX_SEGMENT_LANES = _jit.MAX_LANES
+MAX_SEGMENT_LANES = 64  # = storage._jit.MAX_LANES (checked by tests/test_format_v2.py)
 
 
 def segment_rows(k: int) -> int:
