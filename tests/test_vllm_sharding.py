@@ -130,6 +130,9 @@ def test_materialize_layer_rebuilds_the_saved_layer(storage, tiny_llama_dir, tmp
     built = materialize_layer(name, meta, tensors, version=2, backend="torch")
     original = model.get_submodule(name)
     assert torch.equal(built.codes(), original.codes())
+    assert torch.equal(built.weight_col_scale, original.weight_col_scale)
+    assert torch.equal(built.weight_row_scale, original.weight_row_scale)
+    original.backend = "torch"  # same kernel on both sides: bit-identical outputs
     x = torch.randn(3, original.in_features)
     torch.testing.assert_close(built(x), original(x), rtol=0, atol=0)
     bad = dict(tensors, weight_col_scale=tensors["weight_col_scale"][:-1])
