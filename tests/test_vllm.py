@@ -106,6 +106,22 @@ main()
 """
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 cores")
+def test_llm_tensor_parallel_2_generates_the_same_tokens(folders, tmp_path):
+    """A real 2-rank run (two CPU workers, one core each): o_proj/down_proj repacked per rank."""
+    folder = folders["qwen2-entropy"]
+    args = {"folders": [str(folder)], "prompts": PROMPTS[:1], "max_tokens": MAX_TOKENS,
+            "dtype": "float32", "tensor_parallel_size": 2}
+    # one NUMA node: vLLM's CPU backend needs the cores of each rank named explicitly
+    env = dict(_env(), VLLM_CPU_OMP_THREADS_BIND="0|1")
+    result = subprocess.run([sys.executable, str(HERE / "_vllm_generate.py"), json.dumps(args)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, (result.stdout[-2000:] + result.stderr[-6000:])
+    got = json.loads(lines[-1][len("RESULT "):])[str(folder)]
+    assert got == _transformers_tokens(folder)[:1]
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
