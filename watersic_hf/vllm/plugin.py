@@ -135,7 +135,8 @@ class WaterSICVllmConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         """Rename the stored layers as the vLLM model names its modules (renames only: the
         fused layers are resolved through ``packed_modules_mapping``)."""
-        mapper = hf_to_vllm_mapper.get_rename_mapper()
+        rename_only = getattr(hf_to_vllm_mapper, "get_rename_mapper", None)
+        mapper = rename_only() if rename_only is not None else hf_to_vllm_mapper
         layers, names = {}, {}
         for name, meta in self.layers.items():
             new = mapper.map_name(name) or name
