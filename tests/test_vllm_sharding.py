@@ -151,3 +151,21 @@ def test_plugin_import_loads_neither_vllm_nor_numba():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd="/", timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_vllm_entry_point_is_declared():
+    import importlib.metadata
+
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert {(ep.name, ep.value) for ep in eps} >= {("watersic", "watersic_hf.vllm:register")}
+
+
+def test_register_without_vllm_names_the_install_command():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    import watersic_hf.vllm
+
+    with pytest.raises(ImportError, match=r"watersic-hf\[vllm\]"):
+        watersic_hf.vllm.register()
