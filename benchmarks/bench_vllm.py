@@ -48,6 +48,11 @@ def quantized_dir(path):
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
                                                      dtype=torch.float32)
         model.save_pretrained(out)
+    if not (out / "tokenizer.json").exists():
+        # RTN reads no calibration text, so save_pretrained wrote no tokenizer; vLLM needs one
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(path).save_pretrained(out)
     return out
 
 
