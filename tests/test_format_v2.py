@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from watersic_hf import WaterSICConfig, WaterSICLinear, packing
-from watersic_hf.storage import _segments, decode_codes, encode_codes
+from watersic_hf.storage import _segments, decode_codes, decode_codes_packed, encode_codes
 from watersic_hf.storage.checksum import digest_tensor
 from watersic_hf.storage.layout import (
     pack_with_layout,
@@ -138,6 +138,37 @@ def test_segmented_stream_round_trip_over_many_segments():
     assert lanes.max() <= _segments.MAX_SEGMENT_LANES and lanes.min() >= 1
     # _segments keeps its own copy so that importing it does not load numba
     assert _segments.MAX_SEGMENT_LANES == _segments._jit.MAX_LANES
+
+
+@pytest.mark.parametrize("shape", [(150, 3000), (100, 70), (1, 1), (65, 33)])
+def test_fused_decode_pack_equals_decode_then_pack(shape):
+    # (150, 3000): 64-row segments, the last one partial; the codes never exist whole
+    z = _codes(*shape, seed=shape[1])
+    ref = packing.pack_codes(z)
+    n_out, n_in = shape
+    meta = validate_layout(ref.tensors["weight_perm"], ref.tensors["weight_group_meta"],
+                           ref.layout, n_in, n_out, name="x")
+    zp = z[:, ref.tensors["weight_perm"].long()].contiguous()
+    enc = encode_codes(zp)
+    fused = decode_codes_packed(enc, meta, ref.layout, name="layer.x")
+    for key, value in fused.items():
+        assert torch.equal(value, ref.tensors[key]), key
+
+
+def test_fused_decode_pack_refuses_codes_that_do_not_fit():
+    z = _codes(96, 200, seed=5, outliers=False)
+    ref = packing.pack_codes(z)
+    meta = validate_layout(ref.tensors["weight_perm"], ref.tensors["weight_group_meta"],
+                           ref.layout, 200, 96, name="x")
+    zp = z[:, ref.tensors["weight_perm"].long()].contiguous()
+    zp[70, 3] = 50_000  # no escape stream planned for it
+    with pytest.raises(ValueError, match=r"layer\.x\.codes_stream.*does not fit"):
+        decode_codes_packed(encode_codes(zp), meta, ref.layout, name="layer.x")
+    zp = z[:, ref.tensors["weight_perm"].long()].contiguous()
+    wrong = meta.copy()
+    wrong[0, packing.META_MAXABS] += 1  # a stored largest |code| that the codes do not have
+    with pytest.raises(ValueError, match="largest"):
+        decode_codes_packed(encode_codes(zp), wrong, ref.layout, name="layer.x")
 
 
 def test_segment_header_and_truncation_errors():

@@ -307,3 +307,34 @@ def test_tokens_and_bit_packing() -> None:
     packed = pack_bits(vals, widths)
     assert packed.size == (widths.sum() + 7) // 8
     assert np.array_equal(unpack_bits(packed, widths), vals)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fitted_tables_equal_table_from_counts(seed):
+    # fit_model fits every table at once over the used tokens only; each table must be exactly
+    # what table_from_counts gives for its columns' pooled counts
+    from watersic_hf.storage._model import MAX_TOKEN, fit_model, table_from_counts
+    from watersic_hf.storage._tokens import ALPHABET
+
+    g = np.random.default_rng(seed)
+    n = 300
+    spread = np.exp(g.normal(size=n)) * (1 + 3 * seed)
+    z = np.rint(g.normal(size=(500, n)) * spread)
+    if seed == 2:
+        z[:, :10] += 40  # columns far from zero: asymmetric tables
+    z = z.clip(-MAX_TOKEN, MAX_TOKEN).astype(np.int64)
+    hist = np.zeros((n, ALPHABET), dtype=np.int64)
+    for c in range(n):
+        hist[c] = np.bincount(z[:, c] + MAX_TOKEN, minlength=ALPHABET)
+    tables, assign, _ = fit_model(hist)
+    assert len(tables) > 1
+    for t, table in enumerate(tables):
+        cols = np.flatnonzero(assign == t)
+        counts = hist[cols].sum(axis=0)
+        used = np.flatnonzero(counts)
+        lo = int(min(np.flatnonzero(hist[c])[0] for c in cols)) - MAX_TOKEN
+        hi = int(max(np.flatnonzero(hist[c])[-1] for c in cols)) - MAX_TOKEN
+        assert used.size
+        ref = table_from_counts(counts, lo, hi)
+        assert (table.lo, table.symmetric) == (ref.lo, ref.symmetric), t
+        assert np.array_equal(table.qlog, ref.qlog), t

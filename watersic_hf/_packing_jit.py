@@ -2,8 +2,8 @@
 
 * :func:`choose_groups`: the width / base / escape choice of every 32-column group (the search of
   ``packing._choose_group``, same result);
-* :func:`count_escapes`, :func:`pack_words`, :func:`pack_escape_fields`: codes → packed words with a
-  given group table (used after the choice, and by checkpoint loading with a stored table);
+* :func:`pack_rows`: codes → packed words and escape fields with a given group table, one pass,
+  32-row chunk by chunk (used after the choice, and by checkpoint loading with a stored table);
 * :func:`count_markers`, :func:`unpack_words`: packed words → escape counts / codes.
 
 All loops work on NumPy arrays in permuted column order and release the GIL; they are serial,
@@ -14,6 +14,8 @@ caller turns into a ``ValueError``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -22,119 +24,96 @@ ERRORS = {E_RANGE: "a code does not fit the stored packing layout (corrupted or 
 MAX_WIDTH = 16
 
 
+class PackTarget(NamedTuple):
+    """Outputs of packing one matrix with a given group table (numba takes it as one argument).
+
+    ``slot_word`` and ``slot_count`` describe the escape streams: slot ``s`` writes its ``e``-bit
+    fields from bit ``32 · slot_word[s]`` and must end at or before word ``slot_word[s + 1]``
+    (``slot_word[-1]`` = all escape words).
+    """
+
+    packed: np.ndarray  # (W, N) uint32
+    esc_words: np.ndarray  # (WE,) uint32, zero-filled
+    escape_base: np.ndarray  # (NGE, NC) int64: escapes before each chunk, per slot
+    biggest: np.ndarray  # (NG,) int64: largest |code| of each group so far
+    slot_word: np.ndarray  # (NGE + 1,) int64
+    slot_count: np.ndarray  # (NGE,) int64: escapes packed so far in each slot
+
+
 @njit(cache=True, nogil=True)
-def count_escapes(
-    codes: np.ndarray,  # (N, K) int32, permuted column order
+def pack_rows(
+    codes: np.ndarray,  # (>= R, K) int32: codes[i] is matrix row row0 + i, permuted order
+    n_local: int,  # R: rows to pack (codes may be a larger reused buffer)
+    row0: int,  # matrix row of codes[0], a multiple of 32
     meta: np.ndarray,  # (NG, 8) int64: group metadata (packing.META_* fields)
-    counts: np.ndarray,  # (NGE, NC) int64 (output): escapes of each slot in each 32-row chunk
-) -> None:
-    """Count the codes of every escape group that fall outside its main range, per row chunk."""
-    n_rows, k = codes.shape
-    n_chunks = counts.shape[1]
-    for c in range(n_chunks):
-        for g in range(meta.shape[0]):
-            slot = meta[g, 3]
-            if slot < 0:
-                continue
-            lo = meta[g, 2]
-            inner = (np.int64(1) << meta[g, 0]) - 1
-            n = 0
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
-                for p in range(g * 32, min(k, g * 32 + 32)):
-                    u = np.int64(codes[r, p]) - lo
-                    if u < 0 or u >= inner:
-                        n += 1
-            counts[slot, c] = n
+    out: PackTarget,
+) -> int:
+    """Pack whole 32-row chunks, in order, into ``out``; returns ``OK`` or ``E_RANGE``.
 
-
-@njit(cache=True, nogil=True)
-def pack_words(
-    codes: np.ndarray,  # (N, K) int32, permuted column order
-    meta: np.ndarray,  # (NG, 8) int64
-    escape_base: np.ndarray,  # (NGE, NC) int64: escapes before each chunk, per slot
-    slot_start: np.ndarray,  # (NGE,) int64: first index of each slot's escapes in ``esc_vals``
-    packed: np.ndarray,  # (W, N) uint32 (output)
-    esc_vals: np.ndarray,  # (total escapes,) int64 (output): escape fields t, per slot in order
-    maxabs: np.ndarray,  # (NC, NG) int64 (output): largest |code| of each group in each chunk
-    errors: np.ndarray,  # (NC,) int64 (output)
-) -> None:
-    """Write the main stream of every group and collect escape fields (see packing.py)."""
-    n_rows, k = codes.shape
-    n_chunks = errors.shape[0]
-    for c in range(n_chunks):
-        err = OK
+    One pass: every group's main words are written, and each escape's field goes straight to
+    its slot's bit stream (numbered by ``out.slot_count``), so chunks must be packed in row order
+    and a matrix can be packed piece by piece (the checkpoint decoder packs a few segments at a
+    time). A code that does not fit the group (or a slot that would overflow its stored words)
+    stops packing with ``E_RANGE``.
+    """
+    k = codes.shape[1]
+    packed = out.packed
+    for c0 in range(0, n_local, 32):
+        chunk = (row0 + c0) // 32
+        r_end = min(n_local, c0 + 32)
         for g in range(meta.shape[0]):
             b = meta[g, 0]
-            woff = meta[g, 1]
             lo = meta[g, 2]
             slot = meta[g, 3]
-            e = meta[g, 4]
-            elo = meta[g, 5]
             inner = (np.int64(1) << b) - 1 if slot >= 0 else (np.int64(1) << b)
-            nxt = 0
             if slot >= 0:
-                nxt = slot_start[slot] + escape_base[slot, c]
-            biggest = np.int64(0)
-            for r in range(c * 32, min(n_rows, c * 32 + 32)):
+                out.escape_base[slot, chunk] = out.slot_count[slot]
+            big = out.biggest[g]
+            width = min(32, k - g * 32)
+            for r in range(c0, r_end):
                 acc = np.uint64(0)
                 nbits = 0
-                w = woff
+                w = meta[g, 1]
                 for q in range(32):
-                    p = g * 32 + q
                     u = np.int64(0)
-                    if p < k:
-                        z = np.int64(codes[r, p])
-                        biggest = max(biggest, abs(z))
+                    if q < width:
+                        z = np.int64(codes[r, g * 32 + q])
+                        big = max(big, abs(z))
                         u = z - lo
                         if u < 0 or u >= inner:
-                            if slot < 0:
-                                err = E_RANGE
-                                u = 0
-                            else:
-                                t = z - elo if z < lo else z - elo - inner
-                                if t < 0 or t >= (np.int64(1) << e):
-                                    err = E_RANGE
-                                elif nxt >= esc_vals.shape[0]:
-                                    err = E_RANGE
-                                else:
-                                    esc_vals[nxt] = t
-                                    nxt += 1
-                                u = inner
+                            if slot < 0 or not _pack_escape(z, g, slot, meta, out):
+                                return E_RANGE
+                            u = inner
                     acc |= np.uint64(u) << np.uint64(nbits)
                     nbits += b
-                    while nbits >= 32:
-                        packed[w, r] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+                    if nbits >= 32:  # b <= 16: at most one word per code
+                        packed[w, row0 + r] = np.uint32(acc & np.uint64(0xFFFFFFFF))
                         acc >>= np.uint64(32)
                         nbits -= 32
                         w += 1
-            maxabs[c, g] = biggest
-        errors[c] = err
+            out.biggest[g] = big
+    return OK
 
 
 @njit(cache=True, nogil=True)
-def pack_escape_fields(
-    esc_vals: np.ndarray,  # (total,) int64
-    slot_start: np.ndarray,  # (NGE + 1,) int64
-    slot_width: np.ndarray,  # (NGE,) int64
-    slot_word: np.ndarray,  # (NGE,) int64: first word of each slot's field stream
-    out: np.ndarray,  # (WE,) uint32 (output, zero-filled)
-) -> int:
-    """Lay every slot's escape fields end to end from its first word; returns 0 or E_RANGE."""
-    for s in range(slot_width.shape[0]):
-        e = slot_width[s]
-        bit = slot_word[s] * 32
-        for i in range(slot_start[s], slot_start[s + 1]):
-            v = np.uint64(esc_vals[i])
-            j = bit >> 5
-            sh = bit & 31
-            if e > 0:
-                if j >= out.shape[0] or (sh + e > 32 and j + 1 >= out.shape[0]):
-                    return E_RANGE
-                out[j] |= np.uint32((v << np.uint64(sh)) & np.uint64(0xFFFFFFFF))
-                if sh + e > 32:
-                    out[j + 1] |= np.uint32(v >> np.uint64(32 - sh))
-            bit += e
-    return OK
+def _pack_escape(z: int, g: int, slot: int, meta: np.ndarray, out: PackTarget) -> bool:
+    """Append code ``z`` of group ``g`` to its slot's escape fields; False if it does not fit."""
+    b, lo, e, elo = meta[g, 0], meta[g, 2], meta[g, 4], meta[g, 5]
+    inner = (np.int64(1) << b) - 1
+    t = z - elo if z < lo else z - elo - inner
+    cnt = out.slot_count[slot]
+    bitpos = out.slot_word[slot] * 32 + cnt * e
+    if t < 0 or t >= (np.int64(1) << e) or bitpos + e > out.slot_word[slot + 1] * 32:
+        return False
+    if e > 0:
+        j = bitpos >> 5
+        sh = np.uint64(bitpos & 31)
+        v = np.uint64(t)
+        out.esc_words[j] |= np.uint32((v << sh) & np.uint64(0xFFFFFFFF))
+        if (bitpos & 31) + e > 32:
+            out.esc_words[j + 1] |= np.uint32(v >> (np.uint64(32) - sh))
+    out.slot_count[slot] = cnt + 1
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -179,7 +158,7 @@ def unpack_words(
     out: np.ndarray,  # (N, K) int32 (output): codes in permuted column order
 ) -> None:
     """Decode a packed module's codes in permuted column order (the inverse of
-    :func:`pack_words`); the caller has validated the tensors."""
+    :func:`pack_rows`); the caller has validated the tensors."""
     n_rows, k = out.shape
     n_chunks = (n_rows + 31) // 32
     for c in range(n_chunks):

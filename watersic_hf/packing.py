@@ -498,34 +498,62 @@ def pack_with_layout(
         ValueError: a code does not fit the layout, or the stored escape offsets / largest
             magnitudes disagree with the codes (corrupted or crafted file).
     """
-    n_rows, k = codes.shape
+    target = pack_target(codes.shape[0], meta, layout)
+    status = _jit.pack_rows(np.ascontiguousarray(codes, dtype=np.int32), codes.shape[0], 0, meta,
+                            target)
+    return finish_packing(target, status, meta, layout, name=name)
+
+
+def pack_target(n_rows: int, meta: np.ndarray, layout: dict[str, Any]) -> _jit.PackTarget:
+    """Zeroed outputs for :func:`_packing_jit.pack_rows` of an ``n_rows``-row matrix."""
     n_chunks = _cdiv(n_rows, ESCAPE_CHUNK)
     n_slots = int(layout["escape_groups"])
-    counts = np.zeros((n_slots, n_chunks), dtype=np.int64)
-    if n_slots:
-        _jit.count_escapes(codes, meta, counts)
-    base, slot_start, slot_rows = _escape_plan(counts, meta, layout, name)
-    packed = np.zeros((int(layout["words"]), n_rows), dtype=np.uint32)
-    esc_vals = np.zeros(int(slot_start[-1]), dtype=np.int64)
-    maxabs = np.zeros((n_chunks, meta.shape[0]), dtype=np.int64)
-    errors = np.zeros(n_chunks, dtype=np.int64)
-    _jit.pack_words(codes, meta, base, slot_start, packed, esc_vals, maxabs, errors)
-    if errors.any():
-        raise ValueError(f"{name}: {_jit.ERRORS[int(errors[errors != 0][0])]}")
-    if not np.array_equal(maxabs.max(axis=0), meta[:, META_MAXABS]):
+    slot_rows = np.flatnonzero(meta[:, META_ESC_SLOT] >= 0)
+    slot_word = np.append(meta[slot_rows, META_ESC_OFFSET], int(layout["escape_words"]))
+    return _jit.PackTarget(
+        packed=np.zeros((int(layout["words"]), n_rows), dtype=np.uint32),
+        esc_words=np.zeros(int(layout["escape_words"]), dtype=np.uint32),
+        escape_base=np.zeros((n_slots, n_chunks), dtype=np.int64),
+        biggest=np.zeros(meta.shape[0], dtype=np.int64),
+        slot_word=slot_word.astype(np.int64),
+        slot_count=np.zeros(slot_rows.size, dtype=np.int64),
+    )
+
+
+def finish_packing(target: _jit.PackTarget, status: int, meta: np.ndarray,
+                   layout: dict[str, Any], *, name: str) -> dict[str, torch.Tensor]:
+    """Check a filled :class:`_packing_jit.PackTarget` against the group table and return the
+    packed tensors (int32 views, no copy).
+
+    Raises:
+        ValueError: a code did not fit, the escape streams do not have the stored sizes, or the
+            stored largest |code| per group is not the codes' (corrupted or crafted file).
+    """
+    if status:
+        raise ValueError(f"{name}: {_jit.ERRORS[int(status)]}")
+    _check_escape_words(target.slot_count, meta, layout, name)
+    if not np.array_equal(target.biggest, meta[:, META_MAXABS]):
         raise ValueError(f"{name}.weight_group_meta: the stored largest |code| per group does "
                          "not match the codes (corrupted or crafted file)")
-    esc_words = np.zeros(int(layout["escape_words"]), dtype=np.uint32)
-    if n_slots:
-        err = _jit.pack_escape_fields(esc_vals, slot_start, meta[slot_rows, META_ESC_WIDTH],
-                                      meta[slot_rows, META_ESC_OFFSET], esc_words)
-        if err:
-            raise ValueError(f"{name}: {_jit.ERRORS[int(err)]}")
     return {
-        "weight_packed": torch.from_numpy(packed.view(np.int32)),
-        "weight_escape_packed": torch.from_numpy(esc_words.view(np.int32)),
-        "weight_escape_base": torch.from_numpy(base.astype(np.int32)),
+        "weight_packed": torch.from_numpy(target.packed.view(np.int32)),
+        "weight_escape_packed": torch.from_numpy(target.esc_words.view(np.int32)),
+        "weight_escape_base": torch.from_numpy(target.escape_base.astype(np.int32)),
     }
+
+
+def _check_escape_words(totals: np.ndarray, meta: np.ndarray, layout: dict[str, Any],
+                        name: str) -> np.ndarray:
+    """Check that the stored escape word offsets are exactly what ``totals`` escapes per slot
+    need; returns the groups of the slots."""
+    slot_rows = np.flatnonzero(meta[:, META_ESC_SLOT] >= 0)
+    need = -(-(totals * meta[slot_rows, META_ESC_WIDTH]) // 32)
+    offsets = np.cumsum(need) - need
+    if (not np.array_equal(offsets, meta[slot_rows, META_ESC_OFFSET])
+            or int(need.sum()) != layout["escape_words"]):
+        raise ValueError(f"{name}: the escape stream sizes in weight_group_meta do not match "
+                         "the codes (corrupted or crafted file)")
+    return slot_rows
 
 
 def _escape_plan(
@@ -533,16 +561,10 @@ def _escape_plan(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Escape bases per chunk, first escape of each slot, and the group of each slot; checks
     that the stored escape word offsets are exactly what the escape counts need."""
-    slot_rows = np.flatnonzero(meta[:, META_ESC_SLOT] >= 0)
     totals = counts.sum(axis=1)
+    slot_rows = _check_escape_words(totals, meta, layout, name)
     base = np.cumsum(counts, axis=1) - counts
     slot_start = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-    need = -(-(totals * meta[slot_rows, META_ESC_WIDTH]) // 32)
-    offsets = np.cumsum(need) - need
-    if (not np.array_equal(offsets, meta[slot_rows, META_ESC_OFFSET])
-            or int(need.sum()) != layout["escape_words"]):
-        raise ValueError(f"{name}: the escape stream sizes in weight_group_meta do not match "
-                         "the codes (corrupted or crafted file)")
     return base, slot_start, slot_rows
 
 

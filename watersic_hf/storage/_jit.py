@@ -20,8 +20,13 @@ within each step.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
+
+from .._packing_jit import E_RANGE, PackTarget, pack_rows
+from .._packing_jit import ERRORS as _PACK_ERRORS
 
 PRECISION = 12
 TOTAL = 1 << PRECISION
@@ -29,6 +34,7 @@ STATE_LOW = 1 << 16
 DIRECT_MAX = 31
 FIRST_OCTAVE = 5
 MAX_LANES = 64  # lanes per segment (``_segments.MAX_SEGMENT_LANES``)
+PACK_BATCH_CODES = 1 << 22  # codes decoded before packing (16 MB of int32, cache-sized)
 
 # status codes written by the compiled loops (see ``ERRORS``)
 OK, E_SHORT, E_LONG, E_STATE, E_ESCAPE, E_HEADER = 0, 1, 2, 3, 4, 6
@@ -38,6 +44,7 @@ ERRORS = {
     E_STATE: "the rANS decoder did not return to its initial state (corrupted stream)",
     E_ESCAPE: "the escape bits do not match the escape codes (corrupted stream)",
     E_HEADER: "the segment table points outside the stream (corrupted header)",
+    E_RANGE: _PACK_ERRORS[E_RANGE],
 }
 
 
@@ -97,83 +104,114 @@ def rans_encode_segments(
 
 
 # ---------------------------------------------------------------------------- rANS decoder
-@njit(cache=True, nogil=True)
-def rans_decode_segments(
-    coded: np.ndarray,  # (C,) uint8: the concatenated segments
-    seg_off: np.ndarray,  # (S + 1,) int64: byte offsets of the segments in ``coded``
-    esc_bits: np.ndarray,  # (E,) uint8: raw escape bits, LSB first, plus 8 zero bytes of slack
-    esc_off: np.ndarray,  # (S + 1,) int64: bit offset of each segment's escapes
-    table: np.ndarray,  # (n_tables * TOTAL,) uint32: see ``_segments.decoder_table``
-    col_table: np.ndarray,  # (K,) int64: table of each (permuted) column
-    seg_rows: int,
-    seg_lanes: np.ndarray,  # (S,) int64
-    out: np.ndarray,  # (N, K) int32: codes in permuted column order (output)
-    errors: np.ndarray,  # (S,) int64 (output)
-) -> None:
-    """Decode every segment's tokens and escapes into codes; bounded work per code.
+class Stream(NamedTuple):
+    """The byte parts of one format-2 stream (numba takes it as one argument)."""
 
-    The inner step is branch-free except for the rare escape: the next word is always read (the
-    word stream is padded) and only consumed when the state needs it.
+    coded: np.ndarray  # (C,) uint8: the concatenated segments
+    seg_off: np.ndarray  # (S + 1,) int64: byte offsets of the segments in ``coded``
+    esc_bits: np.ndarray  # (E,) uint8: raw escape bits, LSB first, plus 8 zero bytes of slack
+    esc_off: np.ndarray  # (S + 1,) int64: bit offset of each segment's escapes
+
+
+class Tables(NamedTuple):
+    """What the decoder looks up (numba takes it as one argument)."""
+
+    table: np.ndarray  # (n_tables * TOTAL,) uint32: see ``_segments.decoder_table``
+    col_table: np.ndarray  # (K,) int64: table of each (permuted) column
+    seg_rows: int
+    seg_lanes: np.ndarray  # (S,) int64
+
+
+@njit(cache=True, nogil=True)
+def _words(coded: np.ndarray) -> np.ndarray:
+    """16-bit words at every even offset (segments start at even offsets), as uint32.
+
+    A step may read up to one word per lane past its segment before the end-of-step check; the
+    slack keeps those reads inside the array (the format caps lanes at MAX_LANES).
     """
-    n_rows, k = out.shape
-    n_seg = seg_lanes.shape[0]
-    total_bits = (esc_bits.shape[0] - 8) * 8
-    flat = out.reshape(-1)
-    # 16-bit words at every even offset (segments start at even offsets). A step may read up to
-    # one word per lane past its segment before the end-of-step check; the slack keeps those
-    # reads inside the array (the format caps lanes at MAX_LANES).
     n_words = coded.shape[0] // 2
     words = np.zeros(n_words + 2 + MAX_LANES, dtype=np.uint32)
     for j in range(n_words):
         words[j] = np.uint32(coded[2 * j]) | (np.uint32(coded[2 * j + 1]) << np.uint32(8))
-    col_base = np.empty(k, dtype=np.int64)
-    for c in range(k):
-        col_base[c] = col_table[c] << PRECISION
-    for s in range(n_seg):
-        r0 = s * seg_rows
-        rows = min(seg_rows, n_rows - r0)
-        t_sym = rows * k
-        lanes = seg_lanes[s]
-        p0 = seg_off[s]
-        end = seg_off[s + 1]
-        if p0 + 4 * lanes > end or (end - p0) % 2 != 0 or p0 % 2 != 0:
-            errors[s] = E_HEADER
-            continue
-        ebit = esc_off[s]
-        ebit_end = esc_off[s + 1]
-        if ebit < 0 or ebit_end > total_bits or ebit > ebit_end:
-            errors[s] = E_HEADER
-            continue
-        x = np.empty(lanes, dtype=np.uint32)
-        for lane in range(lanes):
-            q = (p0 >> 1) + 2 * lane
-            x[lane] = words[q] | (words[q + 1] << np.uint32(16))
-        wp = (p0 >> 1) + 2 * lanes
-        w_end = end >> 1
-        err = OK
-        col = 0
-        o = r0 * k
-        steps = (t_sym + lanes - 1) // lanes
-        for step in range(steps):
-            r = min(lanes, t_sym - step * lanes)
+    return words
+
+
+@njit(cache=True, nogil=True)
+def _decode_segment(
+    s: int,
+    words: np.ndarray,  # from ``_words``
+    stream: Stream,
+    tables: Tables,
+    col_base: np.ndarray,  # (K,) int64: first slot of each column's table
+    t_sym: int,  # codes in the segment
+    flat: np.ndarray,  # int32 output: the segment's codes go to flat[o : o + t_sym]
+    o: int,
+) -> int:
+    """Decode segment ``s`` (tokens and escapes); returns a status code.
+
+    Each step runs in two passes over its lanes (symbols, then refills), which gives the same
+    result as one pass because lanes interact only through the word position.
+    """
+    k = col_base.shape[0]
+    esc_bits = stream.esc_bits
+    table = tables.table
+    total_bits = (esc_bits.shape[0] - 8) * 8
+    lanes = tables.seg_lanes[s]
+    p0 = stream.seg_off[s]
+    end = stream.seg_off[s + 1]
+    if p0 + 4 * lanes > end or (end - p0) % 2 != 0 or p0 % 2 != 0:
+        return E_HEADER
+    ebit = stream.esc_off[s]
+    ebit_end = stream.esc_off[s + 1]
+    if ebit < 0 or ebit_end > total_bits or ebit > ebit_end:
+        return E_HEADER
+    x = np.empty(lanes, dtype=np.uint32)
+    for lane in range(lanes):
+        q = (p0 >> 1) + 2 * lane
+        x[lane] = words[q] | (words[q + 1] << np.uint32(16))
+    wp = (p0 >> 1) + 2 * lanes
+    w_end = end >> 1
+    col = 0
+    steps = (t_sym + lanes - 1) // lanes
+    for step in range(steps):
+        r = min(lanes, t_sym - step * lanes)
+        # Phase 1: every lane's symbol and state step. The lanes are independent here, so their
+        # table loads overlap (and vectorise when the step does not wrap around a row); only
+        # the refill below is serial. Escapes are rare: they are resolved afterwards, in order.
+        esc = False
+        if col + r <= k:
+            for lane in range(r):
+                xl = x[lane]
+                ent = table[col_base[col + lane] + (xl & np.uint32(TOTAL - 1))]
+                tok = np.int32(ent & np.uint32(0xFF)) - 128
+                x[lane] = (((ent >> np.uint32(20)) + np.uint32(1)) * (xl >> np.uint32(PRECISION))
+                           + ((ent >> np.uint32(8)) & np.uint32(0xFFF)))
+                flat[o + lane] = tok
+                esc |= np.uint32(tok + DIRECT_MAX) > np.uint32(2 * DIRECT_MAX)
+            col += r
+            if col == k:
+                col = 0
+        else:
             for lane in range(r):
                 xl = x[lane]
                 ent = table[col_base[col] + (xl & np.uint32(TOTAL - 1))]
                 tok = np.int32(ent & np.uint32(0xFF)) - 128
-                xl = (((ent >> np.uint32(20)) + np.uint32(1)) * (xl >> np.uint32(PRECISION))
-                      + ((ent >> np.uint32(8)) & np.uint32(0xFFF)))
-                need = np.uint32(xl < np.uint32(STATE_LOW))
-                xl = (xl << (need << np.uint32(4))) | (words[wp] & (np.uint32(0) - need))
-                wp += need
-                x[lane] = xl
-                flat[o] = tok
+                x[lane] = (((ent >> np.uint32(20)) + np.uint32(1)) * (xl >> np.uint32(PRECISION))
+                           + ((ent >> np.uint32(8)) & np.uint32(0xFFF)))
+                flat[o + lane] = tok
+                esc |= np.uint32(tok + DIRECT_MAX) > np.uint32(2 * DIRECT_MAX)
+                col += 1
+                if col == k:
+                    col = 0
+        if esc:
+            for i in range(o, o + r):
+                tok = flat[i]
                 if tok > DIRECT_MAX or tok < -DIRECT_MAX:
                     m = abs(tok) - (DIRECT_MAX + 1)
                     octave = (m >> 1) + FIRST_OCTAVE
                     width = octave - 1
                     if ebit + width > ebit_end:
-                        err = E_ESCAPE
-                        break
+                        return E_ESCAPE
                     byte = ebit >> 3
                     window = np.uint64(0)
                     for b in range(5):  # width <= 30 bits plus a 7-bit shift fit in 5 bytes
@@ -183,28 +221,91 @@ def rans_decode_segments(
                     ebit += width
                     mag = (np.int64(1) << octave) | (np.int64(m & 1) << (octave - 1)) | raw
                     if mag > 2147483647 + (1 if tok < 0 else 0):
-                        err = E_ESCAPE
-                        break
-                    flat[o] = np.int32(-mag if tok < 0 else mag)
-                o += 1
-                col += 1
-                if col == k:
-                    col = 0
+                        return E_ESCAPE
+                    flat[i] = np.int32(-mag if tok < 0 else mag)
+        o += r
+        # Phase 2: refill in lane order (the order the encoder wrote the words in). The next
+        # word is always read (the word stream is padded) and only consumed when needed.
+        for lane in range(r):
+            xl = x[lane]
+            need = np.uint32(xl < np.uint32(STATE_LOW))
+            x[lane] = (xl << (need << np.uint32(4))) | (words[wp] & (np.uint32(0) - need))
+            wp += need
+        if wp > w_end:
+            return E_SHORT
+    if wp != w_end:
+        return E_LONG
+    if ebit != ebit_end:
+        return E_ESCAPE
+    for lane in range(lanes):
+        if x[lane] != np.uint32(STATE_LOW):
+            return E_STATE
+    return OK
+
+
+@njit(cache=True, nogil=True)
+def _column_bases(col_table: np.ndarray) -> np.ndarray:
+    col_base = np.empty(col_table.shape[0], dtype=np.int64)
+    for c in range(col_table.shape[0]):
+        col_base[c] = col_table[c] << PRECISION
+    return col_base
+
+
+@njit(cache=True, nogil=True)
+def rans_decode_segments(
+    stream: Stream,
+    tables: Tables,
+    out: np.ndarray,  # (N, K) int32: codes in permuted column order (output)
+    errors: np.ndarray,  # (S,) int64 (output)
+) -> None:
+    """Decode every segment's tokens and escapes into codes; bounded work per code."""
+    n_rows, k = out.shape
+    words = _words(stream.coded)
+    col_base = _column_bases(tables.col_table)
+    flat = out.reshape(-1)
+    for s in range(tables.seg_lanes.shape[0]):
+        r0 = s * tables.seg_rows
+        rows = min(tables.seg_rows, n_rows - r0)
+        errors[s] = _decode_segment(s, words, stream, tables, col_base, rows * k, flat, r0 * k)
+
+
+@njit(cache=True, nogil=True)
+def rans_decode_pack_segments(
+    stream: Stream,
+    tables: Tables,
+    n_rows: int,
+    meta: np.ndarray,  # (NG, 8) int64: the stored group table (validated)
+    out: PackTarget,
+    errors: np.ndarray,  # (S,) int64 (output)
+) -> None:
+    """Decode the segments a few at a time into a reused buffer and pack each batch at once.
+
+    The codes never exist as a whole ``(N, K)`` int32 matrix, only ``PACK_BATCH_CODES`` of them
+    at a time (whole segments). Stops at the first bad segment (its status is ``E_RANGE`` when
+    its codes do not fit the group table).
+    """
+    k = tables.col_table.shape[0]
+    seg_rows = tables.seg_rows
+    n_seg = tables.seg_lanes.shape[0]
+    words = _words(stream.coded)
+    col_base = _column_bases(tables.col_table)
+    per_batch = max(1, PACK_BATCH_CODES // (seg_rows * k))
+    buf = np.empty((min(n_rows, per_batch * seg_rows), k), dtype=np.int32)
+    flat = buf.reshape(-1)
+    for s0 in range(0, n_seg, per_batch):
+        r0 = s0 * seg_rows
+        for s in range(s0, min(n_seg, s0 + per_batch)):
+            rows = min(seg_rows, n_rows - s * seg_rows)
+            err = _decode_segment(s, words, stream, tables, col_base, rows * k, flat,
+                                  (s - s0) * seg_rows * k)
+            errors[s] = err
             if err != OK:
-                break
-            if wp > w_end:
-                err = E_SHORT
-                break
-        if err == OK:
-            if wp != w_end:
-                err = E_LONG
-            elif ebit != ebit_end:
-                err = E_ESCAPE
-            else:
-                for lane in range(lanes):
-                    if x[lane] != np.uint32(STATE_LOW):
-                        err = E_STATE
-        errors[s] = err
+                return
+        n_local = min(n_rows, r0 + per_batch * seg_rows) - r0
+        err = pack_rows(buf, n_local, r0, meta, out)
+        if err != OK:
+            errors[s0] = err
+            return
 
 
 # ---------------------------------------------------------------------------- tokens

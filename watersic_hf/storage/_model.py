@@ -16,6 +16,7 @@ Serialized table: ``[lo + 85, size - 1, q...]`` (asymmetric; ``lo + 85 <= 170``)
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import cached_property
 
@@ -38,6 +39,7 @@ _POW2_EIGHTHS = np.array(
 # the finer grid of format v1 (12 counts, 8 iterations) saved under 0.001 bit per code.
 _CANDIDATE_TABLE_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 _LLOYD_ITERATIONS = 6
+_SEARCH_ITERATIONS = 1  # Lloyd steps while the table count is being chosen
 _OUT_OF_RANGE = 1.0e12  # code length (bits) of a token a table cannot code
 
 
@@ -213,7 +215,7 @@ def _quantize_batch(counts: np.ndarray) -> np.ndarray:
 
 def _fit_tables(
     hist: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray, assign: np.ndarray,
-    first: int = 0,
+    first: int = 0, reach: int = MAX_TOKEN,
 ) -> tuple[list[Table], np.ndarray, np.ndarray]:
     """Tables re-estimated from the columns assigned to them (empty groups dropped).
 
@@ -225,6 +227,8 @@ def _fit_tables(
         hist (`np.ndarray` of shape `(n, A)`, float64): column histograms of the tokens
             ``first - 85 .. first - 85 + A - 1`` (a slice of the alphabet holding every count).
         first (`int`): alphabet index of the slice's first token.
+        reach (`int`): largest |token| of any column; the tables are fitted over the tokens
+            ``-reach .. reach`` only (not the whole alphabet), which keeps every array small.
 
     Returns:
         ``(tables, assign, lengths)``, ``lengths`` of shape ``(A, g)``: per-token code lengths
@@ -237,11 +241,12 @@ def _fit_tables(
     remap[ranked[starts]] = np.arange(starts.size)  # drop empty groups, keep their order
     assign = remap[assign]
     width = hist.shape[1]
-    pooled = np.zeros((starts.size, ALPHABET))  # (g, ALPHABET) pooled histograms
-    pooled[:, first: first + width] = np.add.reduceat(hist[order], starts, axis=0)
+    shift = first - (MAX_TOKEN - reach)  # column of the hist slice in the -reach..reach arrays
+    pooled = np.zeros((starts.size, 2 * reach + 1))  # (g, 2 reach + 1) pooled histograms
+    pooled[:, shift: shift + width] = np.add.reduceat(hist[order], starts, axis=0)
     lo = np.minimum.reduceat(col_lo[order], starts)
     hi = np.maximum.reduceat(col_hi[order], starts)
-    tok = np.arange(ALPHABET) - MAX_TOKEN
+    tok = np.arange(-reach, reach + 1)
     # asymmetric form
     in_asym = (tok[None, :] >= lo[:, None]) & (tok[None, :] <= hi[:, None])
     q_asym = _quantize_batch(np.where(in_asym, pooled, 0.0))
@@ -250,7 +255,7 @@ def _fit_tables(
     m = np.maximum(-lo, hi)
     in_sym = np.abs(tok)[None, :] <= m[:, None]
     mirrored = 0.5 * (pooled + pooled[:, ::-1])
-    mirrored[:, MAX_TOKEN] = pooled[:, MAX_TOKEN]
+    mirrored[:, reach] = pooled[:, reach]
     mags = np.where(in_sym & (tok >= 0)[None, :], mirrored, 0.0)  # magnitudes 0..m
     q_mag = _quantize_batch(mags)
     q_sym = np.where(tok[None, :] >= 0, q_mag, q_mag[:, ::-1])
@@ -265,12 +270,12 @@ def _fit_tables(
     tables = []
     for i in range(starts.size):
         if use_sym[i]:
-            qlog = q_sym[i, MAX_TOKEN: MAX_TOKEN + m[i] + 1]
+            qlog = q_sym[i, reach: reach + m[i] + 1]
             tables.append(Table(-int(m[i]), qlog.astype(np.uint8), symmetric=True))
         else:
-            qlog = q_asym[i, lo[i] + MAX_TOKEN: hi[i] + MAX_TOKEN + 1]
+            qlog = q_asym[i, lo[i] + reach: hi[i] + reach + 1]
             tables.append(Table(int(lo[i]), qlog.astype(np.uint8)))
-    lengths = np.where(use_sym[:, None], len_sym, len_asym).T[first: first + width]
+    lengths = np.where(use_sym[:, None], len_sym, len_asym).T[shift: shift + width]
     return tables, assign, np.ascontiguousarray(lengths)
 
 
@@ -307,27 +312,42 @@ def fit_model(
     used = np.flatnonzero(present.any(axis=0))
     first, last = (int(used[0]), int(used[-1])) if used.size else (MAX_TOKEN, MAX_TOKEN)
     histf = hist[:, first: last + 1].astype(np.float64)
-    best: tuple[list[Table], np.ndarray, float] | None = None
+    reach = max(MAX_TOKEN - first, last - MAX_TOKEN, 0)
+    fit = functools.partial(_fit_tables, histf, col_lo, col_hi, first=first, reach=reach)
+
+    def refine(state: tuple, iterations: int) -> tuple:
+        """Lloyd steps: move every column to its cheapest table, refit, until nothing moves."""
+        tables, assign, lengths = state
+        for _ in range(iterations):
+            new = np.argmin(histf @ lengths, axis=1)
+            if np.array_equal(new, assign):
+                break
+            tables, assign, lengths = fit(new)
+        return tables, assign, lengths
+
+    def total_bits(state: tuple) -> float:
+        tables, assign, lengths = state
+        cost = histf @ lengths
+        return float(cost[np.arange(n), assign].sum()) + side_info_bits(tables, n)
+
+    # The table count is chosen with a short refinement per count; only the chosen count gets
+    # the full refinement (the ranking of the counts rarely changes after the first steps).
+    best: tuple | None = None
+    best_bits = math.inf
     for g in _CANDIDATE_TABLE_COUNTS:
         if g > min(n, max_tables):
             break
         assign = np.empty(n, dtype=np.int64)
         for i, chunk in enumerate(np.array_split(order, g)):
             assign[chunk] = i
-        tables, assign, lengths = _fit_tables(histf, col_lo, col_hi, assign, first)
-        for _ in range(_LLOYD_ITERATIONS):
-            cost = histf @ lengths
-            new = np.argmin(cost, axis=1)
-            if np.array_equal(new, assign):
-                break
-            tables, assign, lengths = _fit_tables(histf, col_lo, col_hi, new, first)
-        cost = histf @ lengths
-        total = float(cost[np.arange(n), assign].sum()) + side_info_bits(tables, n)
-        if best is not None and total >= best[2]:
+        state = refine(fit(assign), _SEARCH_ITERATIONS)
+        bits = total_bits(state)
+        if best is not None and bits >= best_bits:
             break
-        best = (tables, assign, total)
+        best, best_bits = state, bits
     assert best is not None  # n >= 1 is guaranteed by the caller
-    return best
+    best = refine(best, _LLOYD_ITERATIONS - _SEARCH_ITERATIONS)
+    return best[0], best[1], total_bits(best)
 
 
 def serialize_model(tables: list[Table], assign: np.ndarray) -> np.ndarray:

@@ -17,12 +17,17 @@ Tokens, tables and escapes are those of format version 1 (``_tokens``, ``_model`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .._numba import lazy_module
 from ._model import PRECISION, TOTAL, Table
 from ._tokens import ALPHABET
+
+if TYPE_CHECKING:  # numba's module: not imported at run time until used
+    from .._packing_jit import PackTarget
 
 _jit = lazy_module("watersic_hf.storage._jit")  # numba loads on first use (see _numba.py)
 
@@ -132,6 +137,26 @@ def escape_offsets(escape_rows: np.ndarray, escape_widths: np.ndarray, n_rows: i
     return np.concatenate([[0], np.cumsum(bits.astype(np.int64))]).astype(np.int64)
 
 
+def _decoder_inputs(
+    coded: np.ndarray, seg_off: np.ndarray, escapes: np.ndarray, esc_off: np.ndarray,
+    shape: tuple[int, int], column_table: np.ndarray, tables: list[Table],
+) -> tuple[_jit.Stream, _jit.Tables]:
+    n_rows, k = shape
+    slack = np.zeros(escapes.size + 8, dtype=np.uint8)
+    slack[: escapes.size] = escapes
+    stream = _jit.Stream(coded, seg_off, slack, esc_off)
+    lookup = _jit.Tables(decoder_table(tables), column_table.astype(np.int64), segment_rows(k),
+                         segment_lanes(n_rows, k))
+    return stream, lookup
+
+
+def _raise_first(errors: np.ndarray) -> None:
+    bad = np.flatnonzero(errors)
+    if bad.size:
+        s = int(bad[0])
+        raise ValueError(f"segment {s} of {errors.size}: {_jit.ERRORS[int(errors[s])]}")
+
+
 def decode(
     coded: np.ndarray, seg_off: np.ndarray, escapes: np.ndarray, esc_off: np.ndarray,
     shape: tuple[int, int], column_table: np.ndarray, tables: list[Table],
@@ -145,27 +170,41 @@ def decode(
         ValueError: a segment is truncated, too long, fails its end-state check, or its escape
             bits do not match (the message names the first bad segment).
     """
-    n_rows, k = shape
-    lanes = segment_lanes(n_rows, k)
-    table = decoder_table(tables)
-    out = np.empty((n_rows, k), dtype=np.int32)
-    errors = np.zeros(lanes.size, dtype=np.int64)
-    slack = np.zeros(escapes.size + 8, dtype=np.uint8)
-    slack[: escapes.size] = escapes
-    _jit.rans_decode_segments(
-        coded, seg_off, slack, esc_off, table, column_table.astype(np.int64),
-        segment_rows(k), lanes, out, errors)
-    bad = np.flatnonzero(errors)
-    if bad.size:
-        s = int(bad[0])
-        raise ValueError(f"segment {s} of {lanes.size}: {_jit.ERRORS[int(errors[s])]}")
+    stream, lookup = _decoder_inputs(coded, seg_off, escapes, esc_off, shape, column_table,
+                                     tables)
+    out = np.empty(shape, dtype=np.int32)
+    errors = np.zeros(lookup.seg_lanes.size, dtype=np.int64)
+    _jit.rans_decode_segments(stream, lookup, out, errors)
+    _raise_first(errors)
     return out
+
+
+def decode_pack(
+    coded: np.ndarray, seg_off: np.ndarray, escapes: np.ndarray, esc_off: np.ndarray,
+    shape: tuple[int, int], column_table: np.ndarray, tables: list[Table],
+    meta: np.ndarray, target: PackTarget,
+) -> None:
+    """Decode the segments straight into packed words (the stream is in packed column order).
+
+    Args:
+        meta (`np.ndarray` of shape `(NG, 8)`, int64): the validated stored group table.
+        target (`PackTarget`): zeroed outputs (``packing.pack_target``), filled in place.
+
+    Raises:
+        ValueError: as :func:`decode`, or a code does not fit the group table.
+    """
+    stream, lookup = _decoder_inputs(coded, seg_off, escapes, esc_off, shape, column_table,
+                                     tables)
+    errors = np.zeros(lookup.seg_lanes.size, dtype=np.int64)
+    _jit.rans_decode_pack_segments(stream, lookup, shape[0], meta, target, errors)
+    _raise_first(errors)
 
 
 __all__ = [
     "PRECISION",
     "decode",
     "decode_on_device",
+    "decode_pack",
     "decoder_table",
     "encode",
     "escape_offsets",
@@ -204,9 +243,5 @@ def decode_on_device(
         coded.contiguous(), dev(seg_off, torch.int64), slack, dev(esc_off, torch.int64),
         dev(table.view(np.int32), torch.int32),
         dev(column_table, torch.int32), dev(lanes, torch.int32), segment_rows(k), shape)
-    errors = errors.cpu().numpy()
-    bad = np.flatnonzero(errors)
-    if bad.size:
-        s = int(bad[0])
-        raise ValueError(f"segment {s} of {lanes.size}: {_jit.ERRORS[int(errors[s])]}")
+    _raise_first(errors.cpu().numpy())
     return out

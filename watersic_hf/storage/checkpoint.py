@@ -40,6 +40,7 @@ from .codec import (
     _check_metadata,
     decode_codes,
     decode_codes_on_device,
+    decode_codes_packed,
     encoded_tensor_specs,
 )
 from .encoding import (
@@ -49,7 +50,7 @@ from .encoding import (
     prepare_layer,
     stored_perm_dtype,
 )
-from .layout import pack_with_layout, torch_pack_with_layout, validate_layout, validate_packed
+from .layout import torch_pack_with_layout, validate_layout, validate_packed
 
 logger = logging.getLogger(__name__)
 
@@ -384,8 +385,7 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
                 tensors = torch_pack_with_layout(codes, module.weight_group_meta, layout,
                                                  name=name)
             else:
-                codes_np = decode_codes(enc, name=f"{name}.codes_stream", verify=False).numpy()
-                tensors = pack_with_layout(codes_np, meta_np, layout, name=name)
+                tensors = decode_codes_packed(enc, meta_np, layout, name=name)
             tensors["weight_perm"] = perm
             tensors["weight_group_meta"] = module.weight_group_meta.detach()
         else:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import packing
 from . import _ans, _rans, _segments
 from ._bits import pack_bits, packed_nbytes, unpack_bits
 from ._model import MAX_TABLES, PRECISION, fit_model, parse_model, serialize_model
@@ -464,14 +465,56 @@ def _segment_header(head: np.ndarray, meta: Mapping[str, Any],
     return seg_off, esc_off
 
 
-def _decode_v2(stream: np.ndarray, meta: Mapping[str, Any], tables: list, assign: np.ndarray,
-               a: int, n: int) -> np.ndarray:
+def _v2_parts(stream: np.ndarray, meta: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+    """``(coded, seg_off, escapes, esc_off)`` of a format-2 stream, header checked."""
     header = meta["header_nbytes"]
     coded_n = meta["coded_nbytes"]
     seg_off, esc_off = _segment_header(stream[:header], meta, stream.size - header)
-    escapes = stream[header + coded_n:]
-    coded = stream[header: header + coded_n]
-    return _segments.decode(coded, seg_off, escapes, esc_off, (a, n), assign, tables)
+    return stream[header: header + coded_n], seg_off, stream[header + coded_n:], esc_off
+
+
+def _decode_v2(stream: np.ndarray, meta: Mapping[str, Any], tables: list, assign: np.ndarray,
+               a: int, n: int) -> np.ndarray:
+    return _segments.decode(*_v2_parts(stream, meta), (a, n), assign, tables)
+
+
+def decode_codes_packed(enc: EncodedCodes, group_meta: np.ndarray, layout: Mapping[str, Any],
+                        *, name: str) -> dict[str, torch.Tensor]:
+    """Decode a format-2 [`EncodedCodes`] whose codes are in packed column order straight into
+    the packed tensors of a stored layout, segment by segment (no whole int32 code matrix).
+
+    The checksums are not checked here: a checkpoint loader verifies the file bytes first.
+
+    Args:
+        group_meta (`np.ndarray` of shape `(NG, 8)`, int64): the stored group table, validated
+            (``layout.validate_layout``).
+        layout (`Mapping`): the layer's packed layout entry.
+        name (`str`): the module's name; stream errors name ``<name>.codes_stream``.
+
+    Returns:
+        ``weight_packed`` `(W, N)`, ``weight_escape_packed`` `(WE,)` and ``weight_escape_base``
+        `(NGE, NC)`, int32 CPU tensors (as ``packing.pack_with_layout``).
+
+    Raises:
+        ValueError: as :func:`decode_codes`, or the codes do not fit the stored layout.
+    """
+    meta = enc.metadata
+    stream_name = f"{name}.codes_stream"
+    _check_metadata(meta, stream_name)
+    if meta["format_version"] != 2:
+        raise ValueError(f"{stream_name}: only format-2 streams decode into a stored layout")
+    a, n = (int(s) for s in meta["shape"])
+    stream = _tensor_bytes(enc.stream, meta["stream_nbytes"], "stream", stream_name)
+    model = _tensor_bytes(enc.model, meta["model_nbytes"], "model", stream_name)
+    target = packing.pack_target(a, group_meta, layout)
+    if a * n:
+        try:
+            tables, assign = parse_model(model, meta["n_tables"], n)
+            _segments.decode_pack(*_v2_parts(stream, meta), (a, n), assign, tables, group_meta,
+                                  target)
+        except ValueError as err:
+            raise ValueError(f"{stream_name}: entropy-coded codes do not decode: {err}") from err
+    return packing.finish_packing(target, 0, group_meta, layout, name=name)
 
 
 def _apply_escapes(
