@@ -80,9 +80,11 @@ def test_prepared_statistics_refuse_other_inputs():
 
 
 def test_block_calls_per_block_and_model_config_untouched(one_thread):
-    """Each block runs B float passes, one quantized pass per group and batch, B next-cache passes
-    and one discovery pass (the engine before issue 11: 9B + 1); the probe never leaks into the
-    model's config."""
+    """Each block runs B float passes, one quantized pass per group and batch and one discovery
+    pass; the next quantized cache of a block that adds its Linears' outputs exactly as
+    ``(h + y_attn) + y_mlp`` is assembled from kept parts, with no block call (5B + 1; 6B + 1
+    with a next-cache pass, 9B + 1 before issue 11). The probe never leaks into the model's
+    config."""
     from _tiny import make_tiny_model
 
     import watersic_hf
@@ -96,8 +98,8 @@ def test_block_calls_per_block_and_model_config_untouched(one_thread):
                                      seqlen=golden.SEQLEN, nsamples=batches)
     res = calib.calibrate_model(model, cfg, modules_to_not_convert=["lm_head"])
     groups = 4  # q/k/v, o, gate/up, down
-    # Block 0 feeds block 1 (next-cache pass); block 1 is the last one and needs none.
-    assert res.block_calls == [batches * (groups + 2) + 1, batches * (groups + 1) + 1]
+    # Block 0 feeds block 1 from kept parts; block 1 is the last one and needs no next cache.
+    assert res.block_calls == [batches * (groups + 1) + 1, batches * (groups + 1) + 1]
     assert model.config._attn_implementation == attn_impl
     assert model.config.to_json_string() == before
     for module in model.modules():
@@ -105,6 +107,21 @@ def test_block_calls_per_block_and_model_config_untouched(one_thread):
         if cfg_m is not None and hasattr(cfg_m, "_attn_implementation"):
             assert cfg_m is model.config
             assert not hasattr(cfg_m, "_watersic_sink")
+
+
+def test_blocks_without_an_exact_residual_sum_keep_the_next_cache_pass(one_thread):
+    """Gemma 2 normalises the attention and MLP outputs before adding them: its next cache
+    comes from a block call (6B + 1), and its codes are pinned by the golden fingerprints."""
+    from _tiny import make_tiny_model
+
+    import watersic_hf
+    from watersic_hf.integration import calibrate as calib
+
+    batches = 2
+    cfg = watersic_hf.WaterSICConfig(bits=3, dataset=golden.calibration_ids()[:batches],
+                                     seqlen=golden.SEQLEN, nsamples=batches)
+    res = calib.calibrate_model(make_tiny_model("gemma2"), cfg, modules_to_not_convert=["lm_head"])
+    assert res.block_calls == [batches * 6 + 1, batches * 5 + 1]
 
 
 # ---------------------------------------------------------------------------- memory diet

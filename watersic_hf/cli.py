@@ -110,6 +110,38 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _size(value: str) -> int:
+    """``"8GiB"``, ``"500MB"``, ``"1.5GB"`` or a byte count -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a memory size; use e.g. 8GiB, 500MB or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _max_memory(value: str) -> dict[str | int, int]:
+    """``--max-memory``: ``SIZE`` (the CPU) or ``DEVICE=SIZE[,DEVICE=SIZE...]`` (``cpu``, ``0``)."""
+    out: dict[str | int, int] = {}
+    for part in value.split(","):
+        if "=" in part:
+            dev, size = part.split("=", 1)
+            dev = dev.strip()
+            key: str | int = int(dev) if dev.isdigit() else dev.removeprefix("cuda:")
+            if isinstance(key, str) and key.isdigit():
+                key = int(key)
+            out[key] = _size(size)
+        else:
+            out["cpu"] = _size(part)
+    return out
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -281,6 +313,21 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         help="persist each finished block to OUT.watersic-resume/ and continue an interrupted run "
         "from its last finished block (same result as an uninterrupted run)",
     )
+    p.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        metavar="SIZE|DEV=SIZE,...",
+        help="memory for the float weights, e.g. 8GiB (CPU) or cpu=8GiB,0=20GiB: the model is "
+        "loaded with device_map='auto'; blocks that do not fit stay on disk and are read one at "
+        "a time during calibration (for models larger than memory)",
+    )
+    p.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="with --max-memory: where weights that are not in safetensors files are re-saved "
+        "(default: a temporary folder next to --out, deleted at the end); safetensors weights "
+        "are read in place",
+    )
     p.add_argument("--method", choices=("watersic", "gptq", "rtn"), default="watersic")
     p.add_argument(
         "--storage",
@@ -374,6 +421,8 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
         # WaterSICConfig and the calibration pipeline raise these with the bad value and the fix.
         print(f"watersic-quantize: error: {err}", file=sys.stderr)
         return 2
+    if summary.get("rank", 0) != 0:
+        return 0  # rank 0 of a torchrun job reports
     if args.json:
         _print_json(summary)
     else:
@@ -383,15 +432,33 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
 
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """Do the work of ``watersic-quantize`` for parsed ``args``; returns the summary dict."""
-    import torch
-
     import watersic_hf  # noqa: F401  (registers the quantizer with transformers)
 
-    from .evaluation import disk_bits, memory_bits, perplexity
-    from .model_card import base_model_origin, write_model_card
+    from .integration.engine.distributed import init_from_environment
+
+    # Under torchrun: one process group, the calibration windows are shared by the ranks, every
+    # rank gets the same quantized model and rank 0 writes it.
+    comm = init_from_environment()
+    rank = 0 if comm is None else comm.rank
+    try:
+        return _run_quantize(args, rank)
+    finally:
+        if comm is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_quantize(args: argparse.Namespace, rank: int) -> dict[str, Any]:
+    import torch
+
+    from .evaluation import perplexity
 
     out = pathlib.Path(args.out).expanduser().absolute()
     _check_out_dir(out, args.overwrite)
+    if args.offload_folder and not args.max_memory:
+        raise CliError("--offload-folder needs --max-memory (the memory budget that decides what "
+                       "is offloaded)")
     model_src, is_default = _resolve_model(args.model)
     _check_dataset(args.dataset)
     device = _resolve_device(args.device)
@@ -449,6 +516,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "seqlen": seqlen,
         "dataset": args.dataset or "shipped SOTU 1934-1999",
     }
+    if rank != 0:
+        eval_text = None  # rank 0 evaluates and writes; the other ranks only calibrate
     eval_kw = {"seqlen": args.eval_seqlen, "max_tokens": args.eval_max_tokens}
     if eval_text is not None:
         base = _load_model(model_src, args.dtype)
@@ -459,8 +528,46 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
 
     start = time.perf_counter()
-    model = _load_model(model_src, args.dtype, quantization_config=config)
-    summary["quantize_seconds"] = time.perf_counter() - start
+    offload_kwargs: dict[str, Any] = {}
+    offload_tmp: pathlib.Path | None = None
+    if args.max_memory:
+        offload_dir = args.offload_folder
+        if offload_dir is None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            offload_tmp = pathlib.Path(
+                tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+            offload_dir = str(offload_tmp)
+        offload_kwargs = dict(device_map="auto", max_memory=args.max_memory,
+                              offload_folder=offload_dir)
+        summary["max_memory"] = {str(k): v for k, v in args.max_memory.items()}
+    try:
+        model = _load_model(model_src, args.dtype, quantization_config=config, **offload_kwargs)
+        summary["quantize_seconds"] = time.perf_counter() - start
+        if rank != 0:
+            summary["rank"] = rank
+            return summary
+        # Handed over in a list so that this frame holds no reference: _save_quantized frees
+        # the model before it reloads the saved folder for --eval.
+        box = [model]
+        del model
+        return _save_quantized(args, box, summary, out, tokenizer, eval_text, start,
+                               is_default, model_src)
+    finally:
+        if offload_tmp is not None:
+            shutil.rmtree(offload_tmp, ignore_errors=True)
+
+
+def _save_quantized(args: argparse.Namespace, box: list[Any], summary: dict[str, Any],
+                    out: pathlib.Path, tokenizer: Any, eval_text: str | None, start: float,
+                    is_default: bool, model_src: str) -> dict[str, Any]:
+    """Check, save (atomically), evaluate and publish the quantized model ``box[0]`` (rank 0)."""
+    from .evaluation import disk_bits, memory_bits, perplexity
+    from .model_card import base_model_origin, write_model_card
+
+    model = box.pop()
+
+    device = summary["device"]
+    eval_kw = {"seqlen": args.eval_seqlen, "max_tokens": args.eval_max_tokens}
     qc = model.config.quantization_config
     layers = dict(getattr(qc, "layers", None) or {})
     if not layers:

@@ -3,8 +3,8 @@
 Two modes, chosen by transformers:
 
 * **quantize on load** (``pre_quantized=False``): the float model is loaded normally (on the CPU
-unless
-  a ``device_map`` says otherwise), then :func:`~watersic_hf.integration.calibrate.calibrate_model`
+  unless a ``device_map`` says otherwise; blocks offloaded to disk are read one at a time during
+  calibration), then :func:`~watersic_hf.integration.calibrate.calibrate_model`
   runs in ``_process_model_after_weight_loading`` and replaces the Linears of every decoder block;
 * **load a saved checkpoint** (``pre_quantized=True``): before the weights are read, the Linears
 listed
@@ -33,12 +33,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["WaterSICHfQuantizer", "register"]
 
 
-def _device_map_values(device_map: Any) -> list[str]:
-    if isinstance(device_map, dict):
-        return [str(v) for v in device_map.values()]
-    return [] if device_map is None else [str(device_map)]
-
-
 class WaterSICHfQuantizer(HfQuantizer):
     """Quantizer that calibrates with WaterSIC on load and loads saved WaterSIC checkpoints.
 
@@ -59,20 +53,13 @@ class WaterSICHfQuantizer(HfQuantizer):
         """Reject setups calibration cannot handle, before anything is loaded.
 
         Raises:
-            ValueError: disk offload while quantizing (the weights would be meta tensors).
             ImportError: a required package is missing.
         """
         for package in ("tqdm", "safetensors"):
             if importlib.util.find_spec(package) is None:
                 raise ImportError(f"watersic_hf needs `{package}`: pip install {package}")
-        device_map = kwargs.get("device_map")
-        if not self.pre_quantized and any(v == "disk" for v in _device_map_values(device_map)):
-            raise ValueError(
-                "WaterSIC calibration cannot run with disk offload (device_map contains 'disk'): "
-                "the offloaded weights are not in memory while the model is calibrated. Quantize "
-                "with device_map=None (the float model stays on the CPU and one block at a time "
-                "goes to the accelerator), then load the saved checkpoint with any device_map"
-            )
+        # Disk offload is allowed while quantizing: the calibration reads each offloaded block
+        # once, quantizes it and keeps only its WaterSICLinears (engine.OnloadingExecutor).
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         """Keep the requested dtype (float32 when none is given)."""

@@ -204,7 +204,12 @@ def capture_block_inputs(
     bypassed = [blocks[i] for i in range(last)]
     for b in bypassed:
         b.forward = _identity_forward  # instance attribute shadows the class method
-    input_device = model.get_input_embeddings().weight.device
+    embeddings = model.get_input_embeddings()
+    input_device = embeddings.weight.device
+    if input_device.type == "meta":
+        # Offloaded by accelerate: its hook reads the weights onto its execution device.
+        hook = getattr(embeddings, "_hf_hook", None)
+        input_device = torch.device(getattr(hook, "execution_device", None) or "cpu")
     hidden: list[torch.Tensor] = []
     kwargs_per_batch: list[dict[str, dict[str, Any]]] = []
     try:
@@ -279,6 +284,9 @@ class BlockStructure:
     order: list[str] = field(default_factory=list)
     residual_ok: bool = False
     attention_seen: bool = False
+    #: ``out == (h + y_attn) + y_mlp`` holds bit for bit on the discovery batch: the block output
+    #: can be assembled from its parts instead of running the block again.
+    residual_exact: bool = False
 
 
 @contextlib.contextmanager
@@ -376,12 +384,30 @@ def discover_groups(
                 hidden, out, outputs[attn_out], outputs[mlp_out]
             ):
                 structure.residual_ok = True
+                structure.residual_exact = _is_exact_residual(
+                    hidden, out, outputs[attn_out], outputs[mlp_out]
+                )
                 for g in groups:
                     if g.names == [attn_out]:
                         g.residual = "attn"
                     elif g.names == [mlp_out]:
                         g.residual = "mlp"
     return structure
+
+
+def residual_sum(h_in: torch.Tensor, y_attn: torch.Tensor, y_mlp: torch.Tensor) -> torch.Tensor:
+    """``(h_in + y_attn) + y_mlp`` in the order and dtype a pre-norm residual block adds them."""
+    return (h_in + y_attn.reshape(h_in.shape)) + y_mlp.reshape(h_in.shape)
+
+
+def _is_exact_residual(
+    h_in: torch.Tensor, h_out: torch.Tensor, y_attn: torch.Tensor, y_mlp: torch.Tensor
+) -> bool:
+    """True when :func:`residual_sum` reproduces the block output bit for bit."""
+    if y_attn.numel() != h_in.numel() or y_mlp.numel() != h_in.numel():
+        return False
+    total = residual_sum(h_in, y_attn, y_mlp)
+    return total.dtype == h_out.dtype and torch.equal(total, h_out.reshape(h_in.shape))
 
 
 def _is_plain_residual(

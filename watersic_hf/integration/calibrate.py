@@ -46,6 +46,13 @@ from .engine import (
     relative_output_error,
 )
 from .engine.context import DeviceKwargs
+from .engine.distributed import (
+    Communicator,
+    DistributedGroupQuantizer,
+    ShardedPolicy,
+    shard_bounds,
+)
+from .engine.executor import OnloadingExecutor, has_offloaded_parameters
 from .engine.resume import BlockStore, default_work_dir, fingerprint
 from .replace import quantizable_linears
 
@@ -100,8 +107,16 @@ class _Calibrator:
         self.cfg = config
         self.skip = skip
         self.tokenizer = tokenizer
+        # A process group with several ranks (torchrun, or initialised by the caller) shares the
+        # calibration windows between the ranks (engine/distributed.py).
+        self.comm = Communicator.from_environment()
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.executor = SingleDeviceExecutor(device, torch.device("cpu"))
+        if self.comm is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cpu = torch.device("cpu")
+        # Blocks offloaded by accelerate (device_map with "disk") are read one at a time.
+        self.executor = (OnloadingExecutor(device, cpu) if has_offloaded_parameters(model)
+                         else SingleDeviceExecutor(device, cpu))
         self.method = config.method
         self.prefix, self.blocks = find_decoder_blocks(model)
         self.result = CalibrationResult()
@@ -127,20 +142,32 @@ class _Calibrator:
                 f"blocks (modules_to_not_convert={self.skip}); remove entries from "
                 "modules_to_not_convert"
             )
-        for name, p in self.model.named_parameters():
-            if p.device.type == "meta":
-                raise ValueError(
-                    f"parameter {name} is offloaded (on the meta device); WaterSIC calibration "
-                    "needs every weight in memory: load with device_map=None (CPU) or without "
-                    "disk offload"
-                )
+        if not isinstance(self.executor, OnloadingExecutor):
+            for name, p in self.model.named_parameters():
+                if p.device.type == "meta":
+                    raise ValueError(
+                        f"parameter {name} is on the meta device without an offload hook; load "
+                        "the model with from_pretrained (device_map=None, or device_map='auto' "
+                        "with max_memory/offload_folder for a model larger than memory)"
+                    )
+        if self.comm is not None and self.cfg.resume:
+            raise ValueError(
+                "resume=True is not supported in a distributed run (world size "
+                f"{self.comm.world}); run without resume or in one process"
+            )
         rate = RateControl(self.cfg.bits, total, enabled=self.cfg.rate_control)
         reports = ReportCollector()
         self.rate, self.reports = rate, reports
-        quantizer = GroupQuantizer(self.cfg, rate, [rate, reports])
+        if self.comm is not None:
+            quantizer: GroupQuantizer = DistributedGroupQuantizer(
+                self.cfg, rate, [rate, reports], self.comm
+            )
+        else:
+            quantizer = GroupQuantizer(self.cfg, rate, [rate, reports])
         last = max(i for i, lin in enumerate(block_linears) if lin)
         n_blocks = len(self.blocks) if self.method == "rtn" else last + 1
-        bar = ProgressBar(n_blocks, f"WaterSIC {self.method} {self.cfg.bits:g} bits", rate)
+        bar = ProgressBar(n_blocks, f"WaterSIC {self.method} {self.cfg.bits:g} bits", rate,
+                          disable=self.comm is not None and not self.comm.first)
         try:
             if self.method == "rtn":
                 self._run_data_free(block_linears, quantizer, bar)
@@ -170,13 +197,14 @@ class _Calibrator:
         self, block_linears: list[dict[str, nn.Linear]], quantizer: GroupQuantizer,
         bar: ProgressBar,
     ) -> None:
-        for idx, (block, linears) in enumerate(zip(self.blocks, block_linears, strict=True)):
+        for idx, block in enumerate(self.blocks):
             with self.executor.onload(block):
                 quantized = {
                     rel: quantizer.quantize_linear(f"{self.prefix}.{idx}.{rel}", lin, None)
-                    for rel, lin in linears.items()
+                    for rel, lin in block_linears[idx].items()
                 }
                 self._finish(idx, block, quantized)
+            block_linears[idx] = {}  # the float Linears are garbage now (see _run_sequential)
             bar.on_block(idx)
 
     def _run_sequential(
@@ -200,11 +228,16 @@ class _Calibrator:
             vocab_size=vocab,
         )
         batches = make_batches(samples, cfg.batch_size)
+        if self.comm is not None:
+            start_b, stop_b = shard_bounds(len(batches), self.comm.world)[self.comm.rank]
+            batches = batches[start_b:stop_b]
         inputs = capture_block_inputs(
             self.model, self.blocks, batches, self.executor.cache_device
         )
-        self.result.tokens = inputs.tokens
-        logger.info("WaterSIC calibration on %d tokens (%d windows)", inputs.tokens, len(samples))
+        self.result.tokens = (inputs.tokens if self.comm is None
+                              else self.comm.sum_int(inputs.tokens))
+        logger.info("WaterSIC calibration on %d tokens (%d windows)", self.result.tokens,
+                    len(samples))
         fcache = list(inputs.hidden) if self.need_float else None
         qcache = list(inputs.hidden)
         store, start = None, 0
@@ -223,6 +256,9 @@ class _Calibrator:
                 idx, self.blocks[idx], block_linears[idx], inputs, fcache, qcache, quantizer,
                 want_next,
             )
+            # The replaced float Linears are referenced only here now: let them go (an onloaded
+            # block's float weights must not stay in memory).
+            block_linears[idx] = {}
             if store is not None:
                 ctl = self.rate.controller
                 store.commit(idx, quantized, self.reports.reports, ctl.used_bits,
@@ -269,23 +305,33 @@ class _Calibrator:
             probing = probed_attention(block) if self.need_float else contextlib.nullcontext([])
             with probing as probe:
                 ctx.probe = probe
-                # Find the groups with the first batch; the probe also marks where attention
-                # happens, which places the residual-writing Linears.
-                structure = discover_groups(
-                    block,
-                    (fcache if fcache is not None else qcache)[0].to(ex.device),
-                    ctx.kwargs[0],
-                    linears,
-                    attention_marker=_attention_marker(probe) if probe else None,
-                )
+                structure = None
+                if self.comm is None or self.comm.first:
+                    # Find the groups with the first batch; the probe also marks where attention
+                    # happens, which places the residual-writing Linears.
+                    structure = discover_groups(
+                        block,
+                        (fcache if fcache is not None else qcache)[0].to(ex.device),
+                        ctx.kwargs[0],
+                        linears,
+                        attention_marker=_attention_marker(probe) if probe else None,
+                    )
+                if self.comm is not None:
+                    # Every rank uses the structure found on global batch 0 (rank 0's first).
+                    structure = self.comm.broadcast_object(structure, 0, torch.device("cpu"))
                 self._warn_unprobed(block, structure.attention_seen)
                 plan = make_plan(structure, self.cfg, float_path=self.need_float,
                                  probed=bool(probe))
-                runner = PairedRunner(ctx, plan)
+                runner = PairedRunner(
+                    ctx, plan, batch_sum=None if self.comm is None else self.comm.ordered_sum,
+                    want_next=want_next,
+                )
                 runner.run_float()
             quantized: dict[str, Any] = {}
             for step in plan.groups:
                 policy = make_policy(step, ctx, self.cfg)
+                if self.comm is not None:
+                    policy = ShardedPolicy(policy, ctx, self.comm)
                 for batch in runner.paired(step):
                     policy.add(batch)
                 quantized.update(policy.solve(quantizer, runner))

@@ -124,6 +124,13 @@ def encode_model_state(model: nn.Module, cfg: Any) -> tuple[dict[str, torch.Tens
     modules = {n: m for n, m in model.named_modules() if isinstance(m, WaterSICLinear)}
     targets = _config_targets(model, cfg)
     state = dict(model.state_dict())
+    for key, value in state.items():
+        if value.device.type == "meta":
+            # Offloaded by accelerate (quantized with device_map="auto" and disk offload: the
+            # embeddings or lm_head may still be on disk); read it back to write and checksum it.
+            from transformers.integrations.accelerate import load_offloaded_parameter
+
+            state[key] = load_offloaded_parameter(model, key)
 
     def prepare(item: tuple[str, nn.Module]) -> None:
         name, module = item

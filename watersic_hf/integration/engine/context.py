@@ -84,10 +84,22 @@ class BlockPlan:
     groups: tuple[GroupStep, ...]
     float_path: bool
     attn_linear: str | None
+    mlp_linear: str | None = None
+    exact_residual: bool = False
 
     @property
     def needs_attention_weights(self) -> bool:
         return any(g.weighted for g in self.groups)
+
+    @property
+    def next_from_parts(self) -> bool:
+        """The next quantized cache is ``(h + y_attn) + y_mlp`` from kept parts (no block call):
+        the block adds its Linears' outputs exactly so, the ``"mlp"`` Linear is the last group
+        and the ``"attn"`` one is final before it."""
+        if not (self.exact_residual and self.attn_linear and self.mlp_linear and self.groups):
+            return False
+        last = self.groups[-1]
+        return last.names == (self.mlp_linear,) and self.attn_linear not in last.names
 
     @property
     def needs_attn_output(self) -> bool:
@@ -108,6 +120,7 @@ def make_plan(
     watersic = config.method == "watersic"
     groups = structure.groups
     attn_linear = next((g.names[0] for g in groups if g.residual == "attn"), None)
+    mlp_linear = next((g.names[0] for g in groups if g.residual == "mlp"), None)
     steps = []
     for i, g in enumerate(groups):
         nxt = groups[i + 1].names[0] if i + 1 < len(groups) else None
@@ -131,7 +144,9 @@ def make_plan(
                 adaptive=adaptive,
             )
         )
-    return BlockPlan(groups=tuple(steps), float_path=float_path, attn_linear=attn_linear)
+    return BlockPlan(groups=tuple(steps), float_path=float_path, attn_linear=attn_linear,
+                     mlp_linear=mlp_linear,
+                     exact_residual=bool(getattr(structure, "residual_exact", False)))
 
 
 class DeviceKwargs(Sequence[dict[str, Any]]):

@@ -10,6 +10,7 @@ replace :class:`SingleDeviceExecutor` without touching the statistics or the qua
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from ..replace import set_submodule
 
-__all__ = ["Executor", "SingleDeviceExecutor", "home_device"]
+__all__ = ["Executor", "OnloadingExecutor", "SingleDeviceExecutor", "has_offloaded_parameters",
+           "home_device"]
 
 
 def home_device(block: nn.Module) -> torch.device:
@@ -86,3 +88,90 @@ class SingleDeviceExecutor:
         if home is not None:
             block.to(home)
         return new_modules
+
+
+def _offload_hook(module: nn.Module) -> Any:
+    """The accelerate hook of ``module`` that reads its weights from a weights map, if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several
+        if h is not None and getattr(h, "offload", False) and getattr(h, "weights_map", None) \
+                is not None:
+            return h
+    return None
+
+
+def has_offloaded_parameters(model: nn.Module) -> bool:
+    """True when some parameter of ``model`` is offloaded by accelerate (meta, read on use)."""
+    return any(
+        _offload_hook(m) is not None
+        and any(p.device.type == "meta" for p in m.parameters(recurse=False))
+        for m in model.modules()
+    )
+
+
+def offloaded_tensors(block: nn.Module) -> dict[str, tuple[Any, str]]:
+    """Where each offloaded tensor of ``block`` is read from.
+
+    Returns:
+        ``{name relative to the block: (weights map, key in it)}`` for every parameter or buffer
+        on the meta device whose module (or an ancestor inside the block) carries an accelerate
+        offload hook; the innermost hook wins, as in transformers' ``load_offloaded_parameter``.
+    """
+    hooked = {name: h for name, m in block.named_modules() if (h := _offload_hook(m)) is not None}
+    out: dict[str, tuple[Any, str]] = {}
+    tensors = [*block.named_parameters(), *block.named_buffers()]
+    for name, t in tensors:
+        if t.device.type != "meta":
+            continue
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = ".".join(parts[:cut])
+            if owner in hooked:
+                out[name] = (hooked[owner].weights_map, ".".join(parts[cut:]))
+                break
+    return out
+
+
+class OnloadingExecutor(SingleDeviceExecutor):
+    """Blocks offloaded by accelerate are read from their weights map one at a time.
+
+    ``from_pretrained(..., device_map="auto", max_memory=..., offload_folder=...)`` leaves the
+    blocks that do not fit on the meta device with an accelerate hook that reads their weights
+    (from the checkpoint's safetensors files or the offload folder) at every forward and drops
+    them afterwards. Calibration runs a block many times, so this executor instead reads the
+    block's tensors once (:meth:`onload`), removes its hooks and, once the Linears are replaced
+    by ``WaterSICLinear`` (:meth:`finish`), keeps the quantized block in CPU memory; the float
+    weights are released. Peak memory is then about one float block plus the blocks the device
+    map kept in memory, the embeddings, the activation caches and the quantized blocks so far.
+    Blocks that are in memory are handled as by :class:`SingleDeviceExecutor`.
+    """
+
+    @contextlib.contextmanager
+    def onload(self, block: nn.Module) -> Iterator[nn.Module]:
+        sources = offloaded_tensors(block)
+        if not sources:
+            with super().onload(block) as b:
+                yield b
+            return
+        from accelerate.hooks import remove_hook_from_module
+        from accelerate.utils import set_module_tensor_to_device
+
+        # The hooks would re-read (and drop) the weights at every call; the block now keeps them.
+        remove_hook_from_module(block, recurse=True)
+        for name, (weights_map, key) in sources.items():
+            set_module_tensor_to_device(block, name, self.device, value=weights_map[key])
+        del sources
+        self._homes[id(block)] = self.cache_device
+        try:
+            yield block
+        finally:
+            home = self._homes.pop(id(block), None)
+            if home is not None:
+                block.to(home)
+
+    def finish(
+        self, block: nn.Module, quantized: dict[str, Any], backend: str
+    ) -> dict[str, nn.Module]:
+        new = super().finish(block, quantized, backend)
+        gc.collect()  # the float Linears of the block are garbage now: give their memory back
+        return new

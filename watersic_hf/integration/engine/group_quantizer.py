@@ -118,9 +118,13 @@ class GroupQuantizer:
             dead_threshold=cfg.dead_threshold, seed=cfg.seed, target=target, prepared=prepared,
         )
 
-    def quantize_linear(self, name: str, linear: nn.Linear, stats: LayerStats | None,
-                        prepared: Any = None) -> Any:
-        """Quantize one Linear, write its dequantized weight back, notify the observers."""
+    def solve_linear(self, name: str, linear: nn.Linear, stats: LayerStats | None,
+                     prepared: Any = None) -> LayerDone:
+        """Quantize one Linear (its bit target asked from rate control); changes nothing.
+
+        Returns:
+            the :class:`LayerDone` event (report and quantized weight) for :meth:`apply_linear`.
+        """
         start = time.perf_counter()
         weight = linear.weight.detach()
         n_dead = prepared.n_dead if prepared is not None else 0
@@ -129,18 +133,28 @@ class GroupQuantizer:
         deq = q.dequantize().to(weight.device)
         rel = (relative_output_error(weight, deq, stats) if stats is not None
                else plain_relative_error(weight, deq))
-        with torch.no_grad():
-            # Later statistics see the quantized layer.
-            linear.weight.copy_(deq.to(linear.weight.dtype))
         report = LayerReport(
             name=name, rows=weight.shape[0], cols=weight.shape[1], bits=float(q.rate_bits),
             target_bits=float(bits), dead_columns=q.n_dead, rel_err=rel,
             seconds=time.perf_counter() - start,
         )
-        event = LayerDone(report=report, quantized=q)
+        return LayerDone(report=report, quantized=q)
+
+    def apply_linear(self, linear: nn.Linear, event: LayerDone) -> None:
+        """Write the dequantized weight into ``linear`` (later statistics see the quantized
+        layer) and notify the observers (rate control is charged here)."""
+        with torch.no_grad():
+            deq = event.quantized.dequantize().to(linear.weight.device)
+            linear.weight.copy_(deq.to(linear.weight.dtype))
         for obs in self.observers:
             obs.on_layer(event)
-        return q
+
+    def quantize_linear(self, name: str, linear: nn.Linear, stats: LayerStats | None,
+                        prepared: Any = None) -> Any:
+        """Quantize one Linear, write its dequantized weight back, notify the observers."""
+        event = self.solve_linear(name, linear, stats, prepared)
+        self.apply_linear(linear, event)
+        return event.quantized
 
     # ------------------------------------------------------------------ one group
     def quantize_group(self, ctx: BlockContext, names: tuple[str, ...],

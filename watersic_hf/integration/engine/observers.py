@@ -113,11 +113,12 @@ class ReportCollector:
 class ProgressBar:
     """A tqdm bar over blocks showing the rate spent so far."""
 
-    def __init__(self, total: int, desc: str, rate: RateControl) -> None:
+    def __init__(self, total: int, desc: str, rate: RateControl, *,
+                 disable: bool = False) -> None:
         from tqdm.auto import tqdm
 
         self.rate = rate
-        self.bar = tqdm(total=total, desc=desc, unit="block")
+        self.bar = tqdm(total=total, desc=desc, unit="block", disable=disable)
 
     def on_layer(self, event: LayerDone) -> None:
         return None

@@ -42,6 +42,9 @@ class StatisticsPolicy(Protocol):
     def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
         """Quantize every Linear of the group (final weights written); returns the results."""
 
+    def accumulators(self) -> list[MomentAccumulator]:
+        """The moment sums :meth:`add` feeds, in a fixed order (a distributed run reduces them)."""
+
 
 def make_policy(step: GroupStep, ctx: BlockContext, config: Any) -> StatisticsPolicy:
     """The policy for ``step``: adaptive-ε search when the plan asks for it, else the fixed mix."""
@@ -76,6 +79,10 @@ class FixedMixPolicy:
             self.cross.add(batch.x, batch.x_hat, weight=w)
         if self.res is not None and batch.dr is not None:
             self.res.add(batch.dr, batch.x_hat)
+
+    def accumulators(self) -> list[MomentAccumulator]:
+        accs = [self.xhat, self.x, self.cross, self.res]
+        return [a for a in accs if a is not None]
 
     def stats(self) -> LayerStats:
         """The group's statistics, normalised and symmetrised in place in the sums.
@@ -120,6 +127,9 @@ class AdaptiveEpsPolicy:
             acc["wx"].add(batch.x, weight=batch.p)
             acc["wxhat"].add(batch.x_hat, weight=batch.p)
             acc["wcross"].add(batch.x, batch.x_hat, weight=batch.p)
+
+    def accumulators(self) -> list[MomentAccumulator]:
+        return [self.acc[k] for k in self._KINDS]
 
     def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
         step, ctx = self.step, self.ctx

@@ -13,9 +13,13 @@ Pass structure per block with ``B`` calibration batches (algorithm.md §3), for 
   return the kept outputs (:class:`_OutputCache`). So across all passes every Linear runs once
   on the quantized path; what repeats is only the glue between Linears (norms, rotary, the
   attention kernel, activations).
-* **one quantized pass per batch to the end**, for the next quantized cache.
+* **one quantized pass per batch to the end**, for the next quantized cache — or none, when the
+  block adds its Linears' outputs as ``(h + y_attn) + y_mlp`` bit for bit (checked on the
+  discovery batch): the last group's pass keeps its input and the next cache is assembled from
+  the kept ``y_attn`` and the final last Linear applied to that input (``5B + 1`` calls for
+  ``G = 4``).
 
-Total: ``B (float) + G·B + B (next cache)`` block calls plus one discovery call; every Linear is
+Total: ``B (float) + G·B (+ B next cache)`` block calls plus one discovery call; every Linear is
 computed once per path. The values are the ones the old prefix-recomputing passes produced
 (the same Linears on the same inputs), so the codes do not change.
 """
@@ -33,7 +37,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..attention import install_probe, set_sink
-from ..blocks import StopForward, run_block
+from ..blocks import StopForward, residual_sum, run_block
 from ..stats import importance_from_received
 from .context import BlockContext, BlockPlan, GroupStep
 
@@ -197,6 +201,13 @@ def _constant(out: torch.Tensor, device: torch.device) -> Callable[..., torch.Te
     return forward
 
 
+def _sequential_sum(values: list[float]) -> float:
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise a clear error for NaN/inf activations (an overflowing model dtype)."""
     if not torch.isfinite(x).all():
@@ -210,8 +221,16 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 class PairedRunner:
     """Runs one block's passes (see the module docstring) and pairs float and quantized inputs."""
 
-    def __init__(self, ctx: BlockContext, plan: BlockPlan) -> None:
+    def __init__(self, ctx: BlockContext, plan: BlockPlan,
+                 batch_sum: Callable[[list[float]], float] | None = None,
+                 want_next: bool = True) -> None:
         self.ctx, self.plan = ctx, plan
+        # The next quantized cache is assembled from kept parts instead of a block call: the
+        # last group's input (kept during its pass) and the "attn" Linear's kept output.
+        self._parts = want_next and plan.next_from_parts
+        self._last_in: list[torch.Tensor | None] = [None] * ctx.batches
+        # Adds per-batch scalars in batch order; a distributed run gathers every rank's batches.
+        self.batch_sum = batch_sum or _sequential_sum
         self.calls = 0  # block forward calls, for the benchmark and the pass-count test
         self._outputs = _OutputCache(ctx.linears, ctx.batches, ctx.device, ctx.cache_device)
         # Float-path captures per batch, on the cache device.
@@ -273,6 +292,8 @@ class PairedRunner:
                     self._call(ctx.qcache[b], b)
                 x_hat = tap.inp[step.first]
                 check_finite(x_hat, f"the input of {step.first} (quantized path)")
+                if step.last and self._parts:
+                    self._keep_parts(b, x_hat)
                 batch = PairedBatch(index=b, x_hat=x_hat)
                 if plan.float_path:
                     assert ctx.fcache is not None
@@ -295,19 +316,21 @@ class PairedRunner:
     def input_error(self, name: str) -> float:
         """``Σ_b ‖x̂_name − x_name‖²`` with the block's current weights (adaptive-ε search)."""
         ctx = self.ctx
-        err = 0.0
+        errs = []
         with Tap(ctx.linears, inputs=(name,), stop_before=name) as tap:
             for b in range(ctx.batches):
                 tap.clear()
                 with self._outputs.serve(b):
                     self._call(ctx.qcache[b], b)
                 diff = tap.inp[name].float() - self.float_input(name, b).float()
-                err += float(diff.pow(2).sum())
-        return err
+                errs.append(float(diff.pow(2).sum()))
+        return self.batch_sum(errs)
 
     def input_energy(self, name: str) -> float:
         """``Σ_b ‖x_name‖²`` on the float path."""
-        return sum(float(self._fx[b][name].float().pow(2).sum()) for b in range(self.ctx.batches))
+        return self.batch_sum(
+            [float(self._fx[b][name].float().pow(2).sum()) for b in range(self.ctx.batches)]
+        )
 
     def finalize(self, step: GroupStep) -> None:
         """Mark a group's Linears final: later passes compute their outputs once, then reuse."""
@@ -320,15 +343,50 @@ class PairedRunner:
             for fx in self._fx:
                 fx.pop(step.first, None)
 
+    def _keep_parts(self, batch: int, x_hat: torch.Tensor) -> None:
+        """Keep what :meth:`next_caches` needs of ``batch`` (the last group's input and the
+        "attn" Linear's output) and drop the other kept outputs, which nothing reads any more."""
+        attn = self.plan.attn_linear
+        kept = self._outputs.kept[batch]
+        assert attn is not None and attn in kept, "the attn Linear's output was not kept"
+        self._last_in[batch] = x_hat.detach().to(self.ctx.cache_device)
+        for name in [n for n in kept if n != attn]:
+            del kept[name]
+
     def next_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The block outputs on both paths (call after every group is final)."""
+        """The block outputs on both paths (call after every group is final).
+
+        Where the plan allows (:attr:`BlockPlan.next_from_parts`), the quantized output is
+        ``(h + y_attn) + y_mlp`` with ``y_mlp`` the final last Linear applied to its kept input:
+        the operations, hence the bits, of the block's own forward, without a block call.
+        """
         ctx = self.ctx
+        if self._parts and all(x is not None for x in self._last_in):
+            return self._next_from_parts()
         new_q = []
         for b in range(ctx.batches):
             with self._outputs.serve(b, keep=False):
                 out = self._call(ctx.qcache[b], b)
             assert out is not None
             new_q.append(out.to(ctx.cache_device))
+        self._outputs.drop()
+        new_f = self.next_float if self.next_float is not None else new_q
+        return new_f, new_q
+
+    def _next_from_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ctx, plan = self.ctx, self.plan
+        assert plan.attn_linear is not None and plan.mlp_linear is not None
+        mlp = ctx.linears[plan.mlp_linear]
+        new_q = []
+        for b in range(ctx.batches):
+            x_last = self._last_in[b]
+            assert x_last is not None
+            h = ctx.qcache[b].to(ctx.device)
+            y_attn = self._outputs.kept[b][plan.attn_linear].to(ctx.device)
+            out = residual_sum(h, y_attn, mlp(x_last.to(ctx.device)))
+            new_q.append(out.to(ctx.cache_device))
+            self._last_in[b] = None
+            self._outputs.kept[b] = {}
         self._outputs.drop()
         new_f = self.next_float if self.next_float is not None else new_q
         return new_f, new_q
