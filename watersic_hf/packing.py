@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _packing_jit as _jit
+from ._numba import lazy_module
+
+_jit = lazy_module("watersic_hf._packing_jit")  # numba loads on first use (see _numba.py)
 
 __all__ = [
     "CODE_TENSOR_NAMES",

@@ -17,17 +17,23 @@ Tokens, tables and escapes are those of format version 1 (``_tokens``, ``_model`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from .._packing_jit import PackTarget
-from . import _jit
+from .._numba import lazy_module
 from ._model import PRECISION, TOTAL, Table
 from ._tokens import ALPHABET
 
+if TYPE_CHECKING:  # numba's module: not imported at run time until used
+    from .._packing_jit import PackTarget
+
+_jit = lazy_module("watersic_hf.storage._jit")  # numba loads on first use (see _numba.py)
+
 SEGMENT_SYMBOLS = 1 << 18  # target codes per segment
 SYMBOLS_PER_LANE = 4096
-MAX_SEGMENT_LANES = _jit.MAX_LANES
+MAX_SEGMENT_LANES = 64  # = storage._jit.MAX_LANES (checked by tests/test_format_v2.py)
 
 
 def segment_rows(k: int) -> int:

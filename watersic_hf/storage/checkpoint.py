@@ -68,6 +68,7 @@ __all__ = [
     "encoded_module",
     "layer_manifest",
     "layer_storage",
+    "materialize_layer",
     "materialize_loaded_model",
     "verify_checkpoint",
 ]
@@ -411,6 +412,51 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
               "weight_row_scale": module.weight_row_scale.detach()}
     return WaterSICLinear.from_tensors(
         n_in, n_out, layout, {**tensors, **scales}, bias, backend=backend, device=device)
+
+
+def materialize_layer(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                      version: int = CHECKPOINT_VERSION, backend: str = "auto",
+                      device: torch.device | str | None = None) -> nn.Module:
+    """Build one ``WaterSICLinear`` (without bias) from a layer's stored tensors.
+
+    For loaders other than transformers' (the vLLM plugin, :mod:`watersic_hf.vllm`), which read
+    the safetensors files themselves: the same checks and decoding as
+    :func:`materialize_loaded_model` (manifest, stored layout, entropy streams decoded and
+    packed; compiled CPU decoder, or the Triton decoder when ``device`` is a GPU).
+
+    Args:
+        name (`str`): the layer's name in the checkpoint (for error messages).
+        meta (`dict`): its entry of ``quantization_config.layers``.
+        tensors (`dict[str, torch.Tensor]`): every stored tensor of the layer, by suffix
+            (``"weight"``, ``"weight_packed"`` / ``"codes_stream"``, ..., the scales), without
+            the bias; their shapes and dtypes must be those of
+            ``WaterSICCheckpointLinear.tensor_specs(meta, version)``.
+        version (`int`, *optional*): the checkpoint's ``format_version``.
+        backend (`str`, *optional*, defaults to ``"auto"``): backend of the built module.
+        device: where to build it (the tensors are moved there first).
+
+    Returns:
+        `WaterSICLinear` of shape ``(meta["out"], meta["in"])`` with no bias.
+
+    Raises:
+        ValueError: a tensor is missing or has the wrong shape or dtype, or the manifest,
+            layout or stream does not check (the message names the layer and tensor).
+    """
+    specs = WaterSICCheckpointLinear.tensor_specs(meta, int(version))
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise ValueError(f"{name}: the checkpoint has no {missing}; the safetensors files are "
+                         "incomplete or do not match config.json")
+    module = WaterSICCheckpointLinear(meta, version=int(version), device="meta")
+    module.register_parameter("bias", None)
+    for pname, (shape, dtype) in specs.items():
+        value = tensors[pname]
+        if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+            raise ValueError(
+                f"{name}.{pname} is {value.dtype} {tuple(value.shape)}; its config.json entry "
+                f"needs {dtype} {tuple(shape)}; config.json and the safetensors files disagree")
+        module.register_parameter(pname, _frozen(value.detach().to(device)))
+    return _materialize(name, module, backend)
 
 
 def _workers() -> int:

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from .. import packing
-from . import _jit
+from .._numba import lazy_module
 from .codec import EncodedCodes, encode_codes
 from .layout import permuted_codes
+
+_jit = lazy_module("watersic_hf.storage._jit")  # numba loads on first use (see _numba.py)
 
 __all__ = [
     "LAYOUT_TENSORS",

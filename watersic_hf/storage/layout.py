@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _packing_jit as _jit
 from .. import packing
+from .._numba import lazy_module
 from ..packing import _escape_plan, pack_with_layout, permuted_codes
+
+_jit = lazy_module("watersic_hf._packing_jit")  # numba loads on first use (see _numba.py)
 
 __all__ = [
     "pack_with_layout",
