@@ -60,12 +60,18 @@ class SingleDeviceExecutor:
 
     @contextlib.contextmanager
     def onload(self, block: nn.Module) -> Iterator[nn.Module]:
-        self._homes[id(block)] = home_device(block)
-        block.to(self.device)
-        try:
+        with self._lent(block, home_device(block)):
+            block.to(self.device)
             yield block
+
+    @contextlib.contextmanager
+    def _lent(self, block: nn.Module, home: torch.device) -> Iterator[None]:
+        """Remember where ``block`` goes back to; on success ``finish`` sends it there, on an
+        error this does."""
+        self._homes[id(block)] = home
+        try:
+            yield
         finally:
-            # On success `finish` already sent the block home; on an error do it here.
             home = self._homes.pop(id(block), None)
             if home is not None:
                 block.to(home)
@@ -161,13 +167,8 @@ class OnloadingExecutor(SingleDeviceExecutor):
         for name, (weights_map, key) in sources.items():
             set_module_tensor_to_device(block, name, self.device, value=weights_map[key])
         del sources
-        self._homes[id(block)] = self.cache_device
-        try:
+        with self._lent(block, self.cache_device):
             yield block
-        finally:
-            home = self._homes.pop(id(block), None)
-            if home is not None:
-                block.to(home)
 
     def finish(
         self, block: nn.Module, quantized: dict[str, Any], backend: str
