@@ -543,9 +543,9 @@ def finish_packing(target: _jit.PackTarget, status: int, meta: np.ndarray,
 
 
 def _check_escape_words(totals: np.ndarray, meta: np.ndarray, layout: dict[str, Any],
-                        name: str) -> np.ndarray:
+                        name: str) -> None:
     """Check that the stored escape word offsets are exactly what ``totals`` escapes per slot
-    need; returns the groups of the slots."""
+    need."""
     slot_rows = np.flatnonzero(meta[:, META_ESC_SLOT] >= 0)
     need = -(-(totals * meta[slot_rows, META_ESC_WIDTH]) // 32)
     offsets = np.cumsum(need) - need
@@ -553,19 +553,15 @@ def _check_escape_words(totals: np.ndarray, meta: np.ndarray, layout: dict[str, 
             or int(need.sum()) != layout["escape_words"]):
         raise ValueError(f"{name}: the escape stream sizes in weight_group_meta do not match "
                          "the codes (corrupted or crafted file)")
-    return slot_rows
 
 
 def _escape_plan(
     counts: np.ndarray, meta: np.ndarray, layout: dict[str, Any], name: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Escape bases per chunk, first escape of each slot, and the group of each slot; checks
-    that the stored escape word offsets are exactly what the escape counts need."""
-    totals = counts.sum(axis=1)
-    slot_rows = _check_escape_words(totals, meta, layout, name)
-    base = np.cumsum(counts, axis=1) - counts
-    slot_start = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-    return base, slot_start, slot_rows
+) -> np.ndarray:
+    """Escape bases per chunk ``(NGE, NC)`` from the per-chunk escape counts; checks that the
+    stored escape word offsets are exactly what the counts need."""
+    _check_escape_words(counts.sum(axis=1), meta, layout, name)
+    return np.cumsum(counts, axis=1) - counts
 
 
 def permuted_codes(tensors: dict[str, torch.Tensor], in_features: int,

@@ -156,8 +156,7 @@ def torch_pack_with_layout(
     per_chunk = torch.nn.functional.pad(counts_full, (0, 0, 0, pad_rows))
     per_chunk = per_chunk.view(n_chunks, packing.ESCAPE_CHUNK, n_groups).sum(1).t()  # (NG, NC)
     counts = per_chunk[has]  # slots are in group order
-    base, slot_start, slot_rows = _escape_plan(counts.cpu().numpy(), m.cpu().numpy(), layout,
-                                               name)
+    base = _escape_plan(counts.cpu().numpy(), m.cpu().numpy(), layout, name)
     esc_words = torch.zeros(int(layout["escape_words"]) + 1, dtype=torch.int64, device=device)
     g_idx, r_idx, c_idx = is_esc.permute(1, 0, 2).nonzero(as_tuple=True)
     if g_idx.numel():
@@ -178,7 +177,6 @@ def torch_pack_with_layout(
         esc_words.index_add_(0, torch.where(nz, pos >> 5, last), sh & 0xFFFFFFFF)
         esc_words.index_add_(0, torch.where(nz, (pos >> 5) + 1, last), sh >> 32)
     esc_words = esc_words[: int(layout["escape_words"])]
-    del slot_start, slot_rows
 
     def as_int32(words64: torch.Tensor) -> torch.Tensor:
         return torch.where(words64 >= 2**31, words64 - 2**32, words64).to(torch.int32)
@@ -220,7 +218,7 @@ def validate_packed(
     counts = np.zeros((n_slots, n_chunks), dtype=np.int64)
     packed = np.ascontiguousarray(tensors["weight_packed"].detach().cpu().numpy())
     _jit.count_markers(packed, meta, in_features, counts)
-    base, _, _ = _escape_plan(counts, meta, layout, name)
+    base = _escape_plan(counts, meta, layout, name)
     stored = tensors["weight_escape_base"].detach().cpu().numpy().astype(np.int64)
     if not np.array_equal(stored, base):
         raise ValueError(f"{name}.weight_escape_base does not match the escape markers in "
