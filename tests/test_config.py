@@ -28,7 +28,10 @@ def test_defaults_and_effective_damp():
     assert cfg.drift and cfg.residual_compensation and cfg.attention_weighted and cfg.rate_control
     assert not cfg.adaptive_eps and cfg.attn_eps == 0.01 and cfg.storage == "entropy"
     assert cfg.format_version == FORMAT_VERSION and cfg.layers == {}
-    assert cfg.effective_damp == 1e-4
+    # damp=None: automatic damping; 0.01 is only its fallback (a single calibration batch)
+    assert cfg.damp is None and cfg.auto_damp and cfg.holdout_fraction == 0.25
+    assert cfg.effective_damp == 0.01
+    assert WaterSICConfig(damp=1e-4).effective_damp == 1e-4
     assert WaterSICConfig(method="gptq").effective_damp == 0.01
     assert WaterSICConfig(method="gptq", damp=0.1).effective_damp == 0.1
 

@@ -362,8 +362,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         "--damp",
         type=float,
         default=None,
-        help="relative damping of the input statistics (default: the method's, 1e-4 for "
-        "watersic); with fewer than ~16k calibration tokens use 0.01-0.1, or 1e-4 over-fits",
+        help="relative damping of the input statistics (default: automatic for watersic, "
+        "chosen per group on held-out calibration windows; 0.01 for gptq)",
     )
     p.add_argument(
         "--device",
@@ -577,6 +577,7 @@ def _save_quantized(args: argparse.Namespace, box: list[Any], summary: dict[str,
         )
     summary["achieved_bits"] = getattr(qc, "achieved_bits", None)
     summary["layers"] = len(layers)
+    summary.update(_error_summary(layers))
     summary["bits_in_memory"] = memory_bits(model, layers)["bits_per_weight"]
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -633,6 +634,22 @@ def _save_quantized(args: argparse.Namespace, box: list[Any], summary: dict[str,
     return summary
 
 
+def _error_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """In-sample and held-out output errors and the damping range over ``layers``
+    (``quantization_config.layers``); empty for data-free methods."""
+    rel = [m["rel_err"] for m in layers.values() if m.get("rel_err") is not None]
+    out: dict[str, Any] = {"rel_err_mean": sum(rel) / len(rel) if rel else None}
+    held = {n: m["heldout_rel_err"] for n, m in layers.items()
+            if m.get("heldout_rel_err") is not None}
+    if held:
+        worst = max(held, key=lambda n: held[n])
+        damps = [m["damp"] for m in layers.values() if m.get("damp") is not None]
+        out.update(heldout_rel_err_mean=sum(held.values()) / len(held),
+                   heldout_rel_err_max=held[worst], heldout_rel_err_worst=worst,
+                   damp_min=min(damps), damp_max=max(damps))
+    return out
+
+
 def _print_quantize_summary(s: dict[str, Any]) -> None:
     def num(key: str, fmt: str) -> str:
         return "n/a" if s.get(key) is None else format(s[key], fmt)
@@ -649,6 +666,16 @@ def _print_quantize_summary(s: dict[str, Any]) -> None:
         f"bits on disk   {num('bits_on_disk', '.3f')} bits/weight "
         f"(safetensors total {_fmt_bytes(s.get('safetensors_bytes', 0))})",
         f"bits in memory {num('bits_in_memory', '.3f')} bits/weight",
+    ]
+    if s.get("rel_err_mean") is not None:
+        lines.append(f"output error   {s['rel_err_mean']:.4g} mean relative (in-sample)")
+    if s.get("heldout_rel_err_mean") is not None:
+        lines.append(
+            f"               {s['heldout_rel_err_mean']:.4g} mean on held-out windows, worst "
+            f"{s['heldout_rel_err_max']:.4g} ({s['heldout_rel_err_worst']}); damping "
+            f"{s['damp_min']:.3g}-{s['damp_max']:.3g}"
+        )
+    lines += [
         f"time           {s['quantize_seconds']:.1f} s quantization, "
         f"{s['total_seconds']:.1f} s with saving/eval",
     ]

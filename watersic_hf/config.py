@@ -37,7 +37,9 @@ QUANT_METHOD = "watersic"
 METHODS = ("watersic", "gptq", "rtn")
 STORAGES = ("entropy", "packed")
 MIN_BITS, MAX_BITS = 0.25, 16.0
-DEFAULT_DAMP = {"watersic": 1e-4, "gptq": 0.01, "rtn": 0.0}
+# WaterSIC's damping is automatic by default (WaterSICConfig.auto_damp); its entry here is only
+# the fallback when no calibration batch can be held out.
+DEFAULT_DAMP = {"watersic": 0.01, "gptq": 0.01, "rtn": 0.0}
 
 # Fields that hold live Python objects during calibration and never reach config.json as such.
 _RUNTIME_FIELDS = ("dataset", "tokenizer")
@@ -154,8 +156,17 @@ class WaterSICConfig(QuantizationConfigMixin):
             pipeline and the same rate accounting (pooled entropy) so that rates are comparable.
         damp (`float`, *optional*):
             Relative damping of the second-moment matrix (fraction of its mean diagonal). ``None``
-            picks the method's default: 1e-4 for WaterSIC, 0.01 for GPTQ (the textbook value; unused
-            by RTN).
+            (the default) means **automatic damping** for WaterSIC: a share ``holdout_fraction``
+            of the calibration windows is held out, and each group of Linears gets the damping
+            (from 1e-5 to 10, a decade grid refined by half decades) whose quantized weights have
+            the smallest output error on the held-out windows; the group is then quantized from
+            all windows. The held-out error of each layer is written to ``config.json``
+            (``layers[name]["heldout_rel_err"]``, next to the in-sample ``rel_err`` and the
+            chosen ``damp``). A given value turns this off and is used everywhere. For GPTQ
+            ``None`` means 0.01 (the textbook value); RTN has no damping.
+        holdout_fraction (`float`, *optional*, defaults to 0.25):
+            Share of the calibration batches held out by automatic damping (evenly spread; at
+            least one batch, and one is always kept). In (0, 0.5].
         lmmse (`bool`, *optional*, defaults to `True`):
             Per-column LMMSE gains inside the successive-rounding loop (WaterSIC only).
         rescale (`bool`, *optional*, defaults to `True`):
@@ -243,6 +254,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         method: str = "watersic",
         damp: float | None = None,
+        holdout_fraction: float = 0.25,
         lmmse: bool = True,
         rescale: bool = True,
         drift: bool = True,
@@ -284,6 +296,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.method = method
         self.damp = damp
+        self.holdout_fraction = holdout_fraction
         self.lmmse = lmmse
         self.rescale = rescale
         self.drift = drift
@@ -398,6 +411,9 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.dead_threshold = _check_float("dead_threshold", self.dead_threshold, 0.0, 0.5)
         if self.damp is not None:
             self.damp = _check_float("damp", self.damp, 0.0, 10.0)
+        self.holdout_fraction = _check_float(
+            "holdout_fraction", self.holdout_fraction, 0.0, 0.5, open_low=True
+        )
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
@@ -429,8 +445,15 @@ class WaterSICConfig(QuantizationConfigMixin):
             )
 
     @property
+    def auto_damp(self) -> bool:
+        """True when each group's damping is chosen on held-out windows (WaterSIC with
+        ``damp=None``)."""
+        return self.damp is None and self.method == "watersic"
+
+    @property
     def effective_damp(self) -> float:
-        """The damping actually used: ``damp`` or the method's default."""
+        """The fixed damping: ``damp``, or the method's default. With :attr:`auto_damp` it is the
+        fallback used when no calibration batch can be held out (a single batch)."""
         return DEFAULT_DAMP[self.method] if self.damp is None else self.damp
 
     # ------------------------------------------------------------------ serialization

@@ -167,6 +167,10 @@ class WaterSICHfQuantizer(HfQuantizer):
                 "dead_columns": r.dead_columns,
                 "rel_err": float(f"{r.rel_err:.6g}"),
             }
+            if r.damp is not None:
+                layers[name]["damp"] = float(f"{r.damp:.6g}")
+            if r.heldout_rel_err is not None:
+                layers[name]["heldout_rel_err"] = float(f"{r.heldout_rel_err:.6g}")
         cfg.layers = layers
         cfg.achieved_bits = round(result.achieved_bits, 6)
         cfg.modules_to_not_convert = list(self.modules_to_not_convert)

@@ -46,6 +46,7 @@ from .engine import (
     relative_output_error,
 )
 from .engine.context import DeviceKwargs
+from .engine.damping import holdout_batches
 from .engine.distributed import (
     Communicator,
     DistributedGroupQuantizer,
@@ -126,6 +127,7 @@ class _Calibrator:
             config.drift or config.residual_compensation or config.attention_weighted
         )
         self._warned_no_attention = False
+        self.held_out: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
@@ -228,9 +230,24 @@ class _Calibrator:
             vocab_size=vocab,
         )
         batches = make_batches(samples, cfg.batch_size)
+        # Held-out batches for automatic damping, chosen among ALL batches so that a
+        # distributed run holds out the same windows as one process (local indices below).
+        n_all = len(batches)
+        held = holdout_batches(n_all, cfg.holdout_fraction) if cfg.auto_damp else []
+        start_b = 0
         if self.comm is not None:
             start_b, stop_b = shard_bounds(len(batches), self.comm.world)[self.comm.rank]
             batches = batches[start_b:stop_b]
+        self.held_out = frozenset(i - start_b for i in held if 0 <= i - start_b < len(batches))
+        if cfg.auto_damp and not held:
+            logger.warning(
+                "WaterSIC: automatic damping needs at least 2 calibration batches to hold one "
+                "out; using the fixed damp=%g (raise nsamples, or pass damp=...)",
+                cfg.effective_damp,
+            )
+        elif held:
+            logger.info("WaterSIC: automatic damping holds out %d of %d calibration batches",
+                        len(held), n_all)
         inputs = capture_block_inputs(
             self.model, self.blocks, batches, self.executor.cache_device
         )
@@ -301,6 +318,7 @@ class _Calibrator:
                 kwargs=DeviceKwargs(inputs, idx, ex.device),
                 device=ex.device,
                 cache_device=ex.cache_device,
+                held_out=self.held_out,
             )
             probing = probed_attention(block) if self.need_float else contextlib.nullcontext([])
             with probing as probe:

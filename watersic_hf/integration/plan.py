@@ -211,13 +211,13 @@ def plan_calibration(
         logger.warning(
             "WaterSIC: the calibration set has %d tokens, fewer than %d x the %d inputs of the "
             "widest quantized layer (%s): its input statistics are poorly estimated and the "
-            "quantizer over-fits them. Use at least %d tokens (nsamples x seqlen) or raise damp "
-            "to 0.01-0.1 (now %g)",
+            "quantizer over-fits them. Use at least %d tokens (nsamples x seqlen)%s",
             tokens,
             MIN_TOKENS_PER_INPUT,
             widest,
             widest_layer,
             MIN_TOKENS_PER_INPUT * widest,
-            config.effective_damp,
+            "; automatic damping (damp=None) limits the damage" if config.auto_damp
+            else f" or leave damp=None for automatic damping (now damp={config.effective_damp:g})",
         )
     return plan

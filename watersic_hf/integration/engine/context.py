@@ -175,6 +175,8 @@ class BlockContext:
         kwargs (`DeviceKwargs`): per-batch block keyword arguments.
         device (`torch.device`): compute device; ``cache_device`` where caches live.
         probe (`list`): attention configs switched to the probe (empty: no probe).
+        held_out (`frozenset[int]`): indices (into the caches) of the batches held out for
+            automatic damping (empty: none).
     """
 
     index: int
@@ -187,6 +189,7 @@ class BlockContext:
     device: torch.device
     cache_device: torch.device
     probe: list[Any] = field(default_factory=list)
+    held_out: frozenset[int] = frozenset()
 
     @property
     def batches(self) -> int:

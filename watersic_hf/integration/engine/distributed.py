@@ -242,23 +242,27 @@ class DistributedGroupQuantizer(GroupQuantizer):
         self.comm = comm
 
     def quantize_group(self, ctx: BlockContext, names: tuple[str, ...],
-                       stats: LayerStats) -> dict[str, Any]:
+                       stats: LayerStats, choice: Any = None) -> dict[str, Any]:
         comm = self.comm
         owner = {rel: i % comm.world for i, rel in enumerate(names)}
         mine = [rel for rel in names if owner[rel] == comm.rank]
-        prepared = self.prepare(stats, ctx.linears[names[0]].weight) if mine else None
+        # Every rank made the same damping choice from the same reduced statistics.
+        damp = self.damp if choice is None else choice.damp
+        held = {} if choice is None else choice.heldout_rel_err
+        prepared = (self.prepare(stats, ctx.linears[names[0]].weight, damp=damp) if mine
+                    else None)
         # With rate control a target depends on the rate the previous Linear reached.
         independent = not self.rate.enabled
         events: dict[str, LayerDone] = {}
         if independent:
             for rel in mine:
                 events[rel] = self.solve_linear(ctx.qualified(rel), ctx.linears[rel], stats,
-                                                prepared)
+                                                prepared, damp, held.get(rel))
         out = {}
         for rel in names:
             if owner[rel] == comm.rank and rel not in events:
                 events[rel] = self.solve_linear(ctx.qualified(rel), ctx.linears[rel], stats,
-                                                prepared)
+                                                prepared, damp, held.get(rel))
             event = comm.broadcast_object(events.get(rel), owner[rel], ctx.device)
             self.apply_linear(ctx.linears[rel], event)
             out[rel] = event.quantized

@@ -10,7 +10,7 @@ the block so that later groups see it; a :class:`LayerDone` event goes to every 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,11 +19,16 @@ from ... import algorithm
 from .context import BlockContext, LayerStats
 from .observers import CalibrationObserver, LayerDone, LayerReport, RateControl
 
-__all__ = ["GroupQuantizer", "relative_output_error"]
+if TYPE_CHECKING:
+    from .damping import DampChoice
+
+__all__ = ["GroupQuantizer", "output_error_parts", "relative_output_error"]
 
 
-def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: LayerStats) -> float:
-    """``E‖W x − Ŵ x̂‖² / E‖W x‖²`` from second moments (x̂ = x in plain mode).
+def output_error_parts(
+    weight: torch.Tensor, qweight: torch.Tensor, stats: LayerStats
+) -> tuple[float, float]:
+    """``(E‖W x − Ŵ x̂‖², E‖W x‖²)`` from second moments (x̂ = x in plain mode).
 
     Written as ``E‖W (x − x̂) + D x̂‖²`` with ``D = W − Ŵ`` so that no two large terms cancel; that
     keeps fp32 GEMMs accurate, which the CPU uses (fp64 on an accelerator). The small drift
@@ -33,7 +38,8 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
     Args:
         weight (`torch.Tensor` of shape ``(a, n)``): float weight.
         qweight (`torch.Tensor` of shape ``(a, n)``): dequantized weight.
-        stats (`LayerStats`): the statistics the layer was quantized with.
+        stats (`LayerStats`): the statistics to measure with (those the layer was quantized with,
+            or held-out ones).
     """
     sx = stats.sigma_x
     dev = sx.device
@@ -58,7 +64,19 @@ def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: La
             s_delta = sx[:, c].to(f64) - sxxh[:, c].to(f64) - (sxxh[c].to(f64) - sxh[c].to(f64)).T
             err += ((w @ s_delta.to(dt)) * w[:, c]).sum()
             err += 2 * ((w @ s_cross.to(dt)) * d[:, c]).sum()
-    return float(err.clamp_min(0) / ref.clamp_min(1e-30))
+    return float(err.clamp_min(0)), float(ref)
+
+
+def relative_output_error(weight: torch.Tensor, qweight: torch.Tensor, stats: LayerStats) -> float:
+    """``E‖W x − Ŵ x̂‖² / E‖W x‖²`` from second moments (see :func:`output_error_parts`).
+
+    Args:
+        weight (`torch.Tensor` of shape ``(a, n)``): float weight.
+        qweight (`torch.Tensor` of shape ``(a, n)``): dequantized weight.
+        stats (`LayerStats`): the statistics the layer was quantized with.
+    """
+    err, ref = output_error_parts(weight, qweight, stats)
+    return err / max(ref, 1e-30)
 
 
 def plain_relative_error(weight: torch.Tensor, qweight: torch.Tensor) -> float:
@@ -80,7 +98,11 @@ class GroupQuantizer:
     def __init__(self, config: Any, rate: RateControl, observers: list[CalibrationObserver]):
         self.cfg = config
         self.method = config.method
+        # The fixed damping: the user's, or the method's default. With automatic damping
+        # (config.auto_damp) each group's damping comes from engine/damping.py instead, and this
+        # value is only the fallback when no window can be held out.
         self.damp = config.effective_damp
+        self.auto_damp = bool(getattr(config, "auto_damp", False))
         self.rate = rate
         self.observers = observers
 
@@ -90,16 +112,18 @@ class GroupQuantizer:
             return {"sigma_xhat": stats.sigma_xhat, "sigma_x_xhat": stats.sigma_x_xhat}
         return {"sigma_xhat": None, "sigma_x_xhat": None}
 
-    def prepare(self, stats: LayerStats, weight: torch.Tensor) -> Any:
-        """Validate, mask and factor ``stats`` once for every Linear of a group."""
+    def prepare(self, stats: LayerStats, weight: torch.Tensor, damp: float | None = None) -> Any:
+        """Validate, mask and factor ``stats`` once for every Linear of a group (``damp``: the
+        relative damping, defaults to the fixed one)."""
         return algorithm.prepare_statistics(
-            stats.sigma_x, **self._sigmas(stats), damp=self.damp,
+            stats.sigma_x, **self._sigmas(stats), damp=self.damp if damp is None else damp,
             dead_threshold=self.cfg.dead_threshold, device=weight.device, n=weight.shape[1],
         )
 
     def _quantize(self, weight: torch.Tensor, stats: LayerStats | None, prepared: Any,
-                  bits: float, target: str) -> Any:
+                  bits: float, target: str, damp: float | None = None) -> Any:
         cfg = self.cfg
+        damp = self.damp if damp is None else damp
         if self.method == "rtn":
             return algorithm.rtn_quantize(
                 weight, None if stats is None else stats.sigma_x, bits,
@@ -108,19 +132,24 @@ class GroupQuantizer:
         assert stats is not None
         if self.method == "gptq":
             return algorithm.gptq_quantize(
-                weight, stats.sigma_x, bits, damp=self.damp, dead_threshold=cfg.dead_threshold,
+                weight, stats.sigma_x, bits, damp=damp, dead_threshold=cfg.dead_threshold,
                 seed=cfg.seed, target=target, prepared=prepared,
             )
         return algorithm.watersic_quantize(
             weight, stats.sigma_x, bits, sigma_xhat=stats.sigma_xhat,
             sigma_x_xhat=stats.sigma_x_xhat, sigma_residual=stats.sigma_residual,
-            damp=self.damp, lmmse=cfg.lmmse, rescale=cfg.rescale,
+            damp=damp, lmmse=cfg.lmmse, rescale=cfg.rescale,
             dead_threshold=cfg.dead_threshold, seed=cfg.seed, target=target, prepared=prepared,
         )
 
     def solve_linear(self, name: str, linear: nn.Linear, stats: LayerStats | None,
-                     prepared: Any = None) -> LayerDone:
+                     prepared: Any = None, damp: float | None = None,
+                     heldout_rel_err: float | None = None) -> LayerDone:
         """Quantize one Linear (its bit target asked from rate control); changes nothing.
+
+        ``damp`` overrides the fixed damping (``prepared`` must have been made with it);
+        ``heldout_rel_err`` is the held-out error measured when the damping was chosen, copied
+        into the report.
 
         Returns:
             the :class:`LayerDone` event (report and quantized weight) for :meth:`apply_linear`.
@@ -129,7 +158,8 @@ class GroupQuantizer:
         weight = linear.weight.detach()
         n_dead = prepared.n_dead if prepared is not None else 0
         bits, target = self.rate.target(weight.shape[0], weight.shape[1], n_dead)
-        q = self._quantize(weight, stats, prepared, bits, target)
+        damp = self.damp if damp is None else damp
+        q = self._quantize(weight, stats, prepared, bits, target, damp=damp)
         deq = q.dequantize().to(weight.device)
         rel = (relative_output_error(weight, deq, stats) if stats is not None
                else plain_relative_error(weight, deq))
@@ -137,6 +167,7 @@ class GroupQuantizer:
             name=name, rows=weight.shape[0], cols=weight.shape[1], bits=float(q.rate_bits),
             target_bits=float(bits), dead_columns=q.n_dead, rel_err=rel,
             seconds=time.perf_counter() - start,
+            damp=float(damp) if self.method != "rtn" else None, heldout_rel_err=heldout_rel_err,
         )
         return LayerDone(report=report, quantized=q)
 
@@ -150,36 +181,42 @@ class GroupQuantizer:
             obs.on_layer(event)
 
     def quantize_linear(self, name: str, linear: nn.Linear, stats: LayerStats | None,
-                        prepared: Any = None) -> Any:
+                        prepared: Any = None, damp: float | None = None,
+                        heldout_rel_err: float | None = None) -> Any:
         """Quantize one Linear, write its dequantized weight back, notify the observers."""
-        event = self.solve_linear(name, linear, stats, prepared)
+        event = self.solve_linear(name, linear, stats, prepared, damp, heldout_rel_err)
         self.apply_linear(linear, event)
         return event.quantized
 
     # ------------------------------------------------------------------ one group
     def quantize_group(self, ctx: BlockContext, names: tuple[str, ...],
-                       stats: LayerStats) -> dict[str, Any]:
-        """Quantize the Linears ``names`` of ``ctx.block`` (call order) with shared ``stats``."""
-        prepared = self.prepare(stats, ctx.linears[names[0]].weight)
+                       stats: LayerStats, choice: DampChoice | None = None) -> dict[str, Any]:
+        """Quantize the Linears ``names`` of ``ctx.block`` (call order) with shared ``stats``,
+        at the damping of ``choice`` (automatic damping) or the fixed one."""
+        damp = self.damp if choice is None else choice.damp
+        prepared = self.prepare(stats, ctx.linears[names[0]].weight, damp=damp)
+        held = {} if choice is None else choice.heldout_rel_err
         return {
-            rel: self.quantize_linear(ctx.qualified(rel), ctx.linears[rel], stats, prepared)
+            rel: self.quantize_linear(ctx.qualified(rel), ctx.linears[rel], stats, prepared,
+                                      damp, held.get(rel))
             for rel in names
         }
 
     def trial_group(self, ctx: BlockContext, names: tuple[str, ...], stats: LayerStats,
-                    originals: dict[str, torch.Tensor]) -> dict[str, Any]:
+                    originals: dict[str, torch.Tensor],
+                    damp: float | None = None) -> dict[str, Any]:
         """Quantize ``originals`` of a group at ``stats`` for a search trial.
 
         The trial is charged to a copy of the budget and reported to nobody; the dequantized
         weights are written into the block so that the caller can measure their effect.
         """
         rate = self.rate.trial()
-        prepared = self.prepare(stats, originals[names[0]])
+        prepared = self.prepare(stats, originals[names[0]], damp=damp)
         out = {}
         for rel in names:
             w = originals[rel]
             bits, target = rate.target(w.shape[0], w.shape[1], prepared.n_dead)
-            q = self._quantize(w, stats, prepared, bits, target)
+            q = self._quantize(w, stats, prepared, bits, target, damp=damp)
             rate.charge(q.rate_bits, *w.shape)
             ctx.linears[rel].weight.copy_(q.dequantize().to(w.device, w.dtype))
             out[rel] = q

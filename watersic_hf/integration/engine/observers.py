@@ -33,6 +33,10 @@ class LayerReport:
     dead_columns: int
     rel_err: float
     seconds: float
+    #: the relative damping used (None for RTN, which has none)
+    damp: float | None = None
+    #: output error on held-out calibration windows (automatic damping), else None
+    heldout_rel_err: float | None = None
 
 
 @dataclass
@@ -101,9 +105,11 @@ class ReportCollector:
     def on_layer(self, event: LayerDone) -> None:
         r = event.report
         self.reports.append(r)
+        held = ("" if r.heldout_rel_err is None
+                else f" (held-out {r.heldout_rel_err:.4g} at damp {r.damp:.3g})")
         logger.info(
-            "%s: %.3f bits (target %.3f), %d dead columns, relative output error %.4g, %.1fs",
-            r.name, r.bits, r.target_bits, r.dead_columns, r.rel_err, r.seconds,
+            "%s: %.3f bits (target %.3f), %d dead columns, relative output error %.4g%s, %.1fs",
+            r.name, r.bits, r.target_bits, r.dead_columns, r.rel_err, held, r.seconds,
         )
 
     def on_block(self, index: int) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from ..stats import MomentAccumulator
 from .context import BlockContext, GroupStep, LayerStats
+from .damping import choose_damp
 from .group_quantizer import GroupQuantizer
 from .runner import PairedBatch, PairedRunner
 
@@ -53,23 +54,15 @@ def make_policy(step: GroupStep, ctx: BlockContext, config: Any) -> StatisticsPo
     return FixedMixPolicy(step, ctx, config)
 
 
-class FixedMixPolicy:
-    """Fixed attention mix ``ε_a = attn_eps`` and full drift correction (the paper's default)."""
+class _MixMoments:
+    """The fixed-mix moment sums of one set of windows: ``Σ_X̂`` and, with drift, ``Σ_X`` and
+    ``Σ_XX̂``; each token weighted by ``(1 − ε_a)·p + ε_a`` when ``p`` is given."""
 
-    def __init__(self, step: GroupStep, ctx: BlockContext, config: Any) -> None:
-        self.step, self.ctx = step, ctx
-        n = ctx.linears[step.first].in_features
-        dev = ctx.device
-        self.eps = config.attn_eps
-        self.drift = ctx.fcache is not None and config.drift
-        self.xhat = MomentAccumulator(n, n, dev)
-        self.x = MomentAccumulator(n, n, dev) if self.drift else None
-        self.cross = MomentAccumulator(n, n, dev) if self.drift else None
-        self.res = (
-            MomentAccumulator(ctx.linears[step.first].out_features, n, dev)
-            if step.residual is not None
-            else None
-        )
+    def __init__(self, n: int, device: torch.device, drift: bool, eps: float) -> None:
+        self.eps = eps
+        self.xhat = MomentAccumulator(n, n, device)
+        self.x = MomentAccumulator(n, n, device) if drift else None
+        self.cross = MomentAccumulator(n, n, device) if drift else None
 
     def add(self, batch: PairedBatch) -> None:
         w = None if batch.p is None else (1.0 - self.eps) * batch.p + self.eps
@@ -77,32 +70,92 @@ class FixedMixPolicy:
         if self.x is not None and self.cross is not None:
             self.x.add(batch.x, weight=w)
             self.cross.add(batch.x, batch.x_hat, weight=w)
+
+    @property
+    def tokens(self) -> int:
+        return self.xhat.tokens
+
+    def accumulators(self) -> list[MomentAccumulator]:
+        return [a for a in (self.xhat, self.x, self.cross) if a is not None]
+
+    def take(self) -> LayerStats:
+        """Normalised (and for ``Σ_X``, ``Σ_X̂`` symmetrised) in place in the sums.
+
+        ``Σ_X`` and ``Σ_X̂`` are made exactly symmetric here, which is what the quantizer's
+        validation would do in a copy; so it takes them as they are and no second ``(n, n)``
+        fp64 matrix is made.
+        """
+        if self.x is not None and self.cross is not None:
+            return LayerStats(
+                self.x.take(symmetrize=True), self.xhat.take(symmetrize=True), self.cross.take()
+            )
+        return LayerStats(self.xhat.take(symmetrize=True))
+
+
+def _pool_(fit: LayerStats, held: LayerStats, n_fit: int, n_held: int) -> LayerStats:
+    """``fit`` becomes the token-weighted mean of ``fit`` and ``held`` (in place): the statistics
+    of all windows, for the final quantization after the damping was chosen."""
+    a = n_fit / (n_fit + n_held)
+    for name in ("sigma_x", "sigma_xhat", "sigma_x_xhat"):
+        f, h = getattr(fit, name), getattr(held, name)
+        if f is not None and h is not None:
+            f.mul_(a).add_(h, alpha=1.0 - a)
+    return fit
+
+
+class FixedMixPolicy:
+    """Fixed attention mix ``ε_a = attn_eps`` and full drift correction (the paper's default).
+
+    With automatic damping (``config.auto_damp``) the batches of ``ctx.held_out`` go to a second
+    set of sums; the group's damping is chosen by their output error
+    (:func:`~.damping.choose_damp`) and the group is then quantized from all windows.
+    """
+
+    def __init__(self, step: GroupStep, ctx: BlockContext, config: Any) -> None:
+        self.step, self.ctx = step, ctx
+        n = ctx.linears[step.first].in_features
+        dev = ctx.device
+        self.drift = ctx.fcache is not None and config.drift
+        self.fit = _MixMoments(n, dev, self.drift, config.attn_eps)
+        self.held = (_MixMoments(n, dev, self.drift, config.attn_eps)
+                     if getattr(config, "auto_damp", False) and ctx.held_out else None)
+        self.res = (
+            MomentAccumulator(ctx.linears[step.first].out_features, n, dev)
+            if step.residual is not None
+            else None
+        )
+
+    def add(self, batch: PairedBatch) -> None:
+        if self.held is not None and batch.index in self.ctx.held_out:
+            self.held.add(batch)
+        else:
+            self.fit.add(batch)
         if self.res is not None and batch.dr is not None:
+            # All windows: the residual term is a target shift, not scored on held-out data.
             self.res.add(batch.dr, batch.x_hat)
 
     def accumulators(self) -> list[MomentAccumulator]:
-        accs = [self.xhat, self.x, self.cross, self.res]
-        return [a for a in accs if a is not None]
+        accs = self.fit.accumulators() + ([] if self.held is None else self.held.accumulators())
+        return accs + ([self.res] if self.res is not None else [])
 
     def stats(self) -> LayerStats:
-        """The group's statistics, normalised and symmetrised in place in the sums.
-
-        ``Σ_X`` and ``Σ_X̂`` are made exactly symmetric here, which is what the quantizer's
-        validation would do in a copy; so it takes them as they are and no second ``(n, n)`` fp64
-        matrix is made.
-        """
-        if self.x is not None and self.cross is not None:
-            stats = LayerStats(
-                self.x.take(symmetrize=True), self.xhat.take(symmetrize=True), self.cross.take()
-            )
-        else:
-            stats = LayerStats(self.xhat.take(symmetrize=True))
+        """The group's statistics over the kept windows (all windows without a held-out set)."""
+        stats = self.fit.take()
         if self.res is not None and self.res.tokens:
             stats.sigma_residual = self.res.take()
         return stats
 
     def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
-        return quantizer.quantize_group(self.ctx, self.step.names, self.stats())
+        if self.held is None or self.held.tokens == 0 or self.fit.tokens == 0:
+            return quantizer.quantize_group(self.ctx, self.step.names, self.stats())
+        n_fit, n_held = self.fit.tokens, self.held.tokens
+        fit = self.stats()
+        held = self.held.take()
+        self.held = None
+        choice = choose_damp(quantizer, self.ctx, self.step.names, fit, held)
+        stats = _pool_(fit, held, n_fit, n_held)
+        del held
+        return quantizer.quantize_group(self.ctx, self.step.names, stats, choice)
 
 
 class AdaptiveEpsPolicy:
