@@ -418,6 +418,8 @@ def watersic_quantize(
     Raises:
         ValueError / TypeError: non-finite or mis-shaped inputs, non-symmetric or all-zero
             second moments, ``bits`` outside [0.05, 16].
+        ValueError: a numerical breakdown from finite inputs (non-finite scales or codes, codes
+            beyond int32); the message names the layer shape and the setting to change.
     """
     return _sic_quantize(
         "watersic", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
