@@ -189,6 +189,52 @@ def test_c6_margin_over_gptq(rotate):
     assert pooled < predicted
 
 
+# --- C7: the "arbitrarily large GPTQ gap" example --------------------------------------------
+
+#: Entropy-coded single-step GPTQ (one common step, SIC feedback). Another branch renames it to
+#: ``gptq_entropy_quantize``; this alias is the only line to change then.
+_gptq_entropy = gptq_quantize
+
+
+@pytest.mark.parametrize(("eps", "a", "h"), [(1e-2, 50_000, 8.0), (1e-4, 200_000, 9.0)])
+def test_c7_arbitrarily_large_gptq_gap(eps, a, h):
+    """Σ = diag(1, ε) repeated (n = 8), γ ≡ 1: at equal rate D_GPTQ / D_WS = (1+ε)/(2√ε).
+
+    At high rate D = K·X·2^{−2H} with the per-column entropy H, so ``D·2^{2H}`` compares the two
+    methods at equal rate without interpolation (their rates differ by < 0.5 bit here).
+
+    Sizes: a = 200000 (the spec's) costs ~0.6 s per pair, so it is kept for ε = 1e-4, where
+    WaterSIC's columns sit at H ± 3.3 bits and the 12-bit ones need many rows for an unbiased
+    plug-in entropy: over seeds 0-5 the ratio/prediction was 1.014-1.016 at a = 200000 but
+    1.027-1.030 at 100000 and 1.052-1.057 at 50000. For ε = 1e-2 (columns at H ± 1.7 bits)
+    a = 50000 gives 1.008-1.014 (20000: 1.022-1.034), so the smaller a keeps the 5% check stable.
+
+    Steps are powers of two, so every fp16 column scale (Δ, and c/√ε = c·10^k) is exact: the
+    fp16 rounding of an arbitrary c/L_jj adds a relative scale error ~2^-12, which above 9 bits
+    is larger than the quantization noise itself. ``dead_threshold=0``: ε = 1e-4 is below the
+    default dead-feature threshold (1e-3 of the median).
+    """
+    n = 8
+    sigma = torch.diag(torch.tensor([1.0, eps] * (n // 2), dtype=torch.float64))
+    w = gaussian(a, n, 0)
+    h_gauss = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N(0, 1), bits
+    delta = 2.0 ** round(h_gauss - h)  # GPTQ: H ≈ h_gauss − log2 Δ in every column
+    # WaterSIC: column j at h_gauss + log2(L_jj / c); L_jj ∈ {1, √ε}, mean log2 L_jj = ¼ log2 ε.
+    c = 2.0 ** round(h_gauss - h + 0.25 * math.log2(eps))
+    common = dict(damp=0.0, lmmse=False, dead_threshold=0.0)
+    q_g = _gptq_entropy(w, sigma, step=delta, **common)
+    q_w = watersic_quantize(w, sigma, step=c, rescale=False, **common)
+
+    def normalised(q) -> tuple[float, float]:
+        hc = float(column_entropies(q.codes).mean())
+        return wmse(w, q, sigma) * 2.0 ** (2.0 * hc), hc
+
+    (n_g, h_g), (n_w, h_w) = normalised(q_g), normalised(q_w)
+    assert 7.0 <= h_g <= 9.5 and 7.0 <= h_w <= 9.5, (h_g, h_w)
+    predicted = (1 + eps) / (2 * math.sqrt(eps))
+    assert n_g / n_w == pytest.approx(predicted, rel=0.05), (n_g / n_w, predicted)
+
+
 # --- C8: closed-form c offset -----------------------------------------------------------------
 
 

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
+from ._guards import check_finite_output, checked_codes
 from ._linalg import matmul_upper
-from ._scales import fp16_balance
+from ._scales import fp16_balance, zero_codes_of_zero_scales
 from .entropy import pooled_entropy
 from .rescalers import fit_rescalers
-from .search import entropy_target, geometric_mean, secant_search, step_for_rate
+from .search import (
+    entropy_target,
+    geometric_mean,
+    max_entropy_bits,
+    secant_search,
+    step_for_rate,
+)
 from .stats import damped_cholesky, find_dead_columns, live_mask, transformed_target
 from .weight import QuantizedWeight
 from .zsic import DEFAULT_BLOCK, zsic
@@ -30,8 +37,6 @@ SEARCH_FRACTION = 0.1
 #: ... but on at least this many codes (or all rows), so the entropy estimate of small layers is
 #: not dominated by plug-in bias and sampling noise.
 SEARCH_MIN_ENTRIES = 16384
-
-_INT32_MAX = 2**31 - 1
 
 
 class _StageTimer:
@@ -64,13 +69,6 @@ def _search_rows(a: int, n: int, fraction: float, seed: int, device: torch.devic
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(a, generator=gen)[:k].sort().values
     return idx.to(device)
-
-
-def _check_codes(z: torch.Tensor) -> torch.Tensor:
-    if float(z.abs().max()) > _INT32_MAX:
-        raise ValueError("codes overflow int32: the step is far too small for this weight; pass a "
-                         "larger step (or lower bits)")
-    return z.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -291,7 +289,9 @@ def _sic_quantize(
                         lmmse=lmmse, block_size=block_size)
             return pooled_entropy(z)
 
-        rho, _, history = secant_search(evaluate, h_target)
+        # The row subset holds fewer codes than the layer: it cannot exceed its own cap either.
+        h_search = min(h_target, max_entropy_bits(int(rows.numel()), n_live))
+        rho, _, history = secant_search(evaluate, h_search)
         step = step_for_rate(rho, gm)
         del evaluate, chol32, y_sub  # the fp32 factor is n × n: free it before the full pass
 
@@ -320,10 +320,15 @@ def _sic_quantize(
 
     timer.mark("rescalers")
     # 8. Output: fp16-exact scales, dead columns re-inserted as zeros.
-    row16, col16_live, _ = fp16_balance(t, alpha * g)
+    row16, col16_live, _ = fp16_balance(t, alpha * g, z)
+    z = zero_codes_of_zero_scales(z, row16, col16_live)
+    hint = (f"raise damp (now {damp:g}, e.g. to 1e-2), pass rescale=False/lmmse=False, or check "
+            "the statistics for extreme dynamic range")
+    check_finite_output(method, (a, n_orig), hint, row_scale=row16, col_scale=col16_live,
+                        gamma=gamma, step=step)
     live = keep if keep is not None else slice(None)
     codes = torch.zeros((a, n_orig), dtype=torch.int32, device=device)
-    codes[:, live] = _check_codes(z)
+    codes[:, live] = checked_codes(z, method, (a, n_orig), hint)
     col16 = torch.zeros(n_orig, dtype=torch.float32, device=device)
     col16[live] = col16_live
     gamma_full = torch.zeros(n_orig, dtype=torch.float32, device=device)
@@ -413,6 +418,8 @@ def watersic_quantize(
     Raises:
         ValueError / TypeError: non-finite or mis-shaped inputs, non-symmetric or all-zero
             second moments, ``bits`` outside [0.05, 16].
+        ValueError: a numerical breakdown from finite inputs (non-finite scales or codes, codes
+            beyond int32); the message names the layer shape and the setting to change.
     """
     return _sic_quantize(
         "watersic", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
@@ -534,9 +541,12 @@ def rtn_quantize(
     z = codes_for(step)
     row16, col16_live, _ = fp16_balance(step * unit * (rms > 0),
                                         torch.ones(n_orig - n_dead, dtype=torch.float64,
-                                                   device=device))
+                                                   device=device), z)
+    z = zero_codes_of_zero_scales(z, row16, col16_live)
+    hint = "check the weight for extreme values or pass an explicit step"
+    check_finite_output("rtn", (a, n_orig), hint, row_scale=row16, col_scale=col16_live, step=step)
     codes = torch.zeros((a, n_orig), dtype=torch.int32, device=device)
-    codes[:, keep] = _check_codes(z)
+    codes[:, keep] = checked_codes(z, "rtn", (a, n_orig), hint)
     col16 = torch.zeros(n_orig, dtype=torch.float32, device=device)
     col16[keep] = col16_live
     return QuantizedWeight(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._guards import pinv_solve
 from ._linalg import gram, matmul_lower
 
 GAMMA_CLIP = (-0.1, 1.5)
@@ -79,15 +80,25 @@ def rescaler_loss(
 
 
 def _spd_solve(mat: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``mat x = rhs`` for a symmetric PSD-plus-ridge ``mat`` (Cholesky, else LU)."""
+    """Solve ``mat x = rhs`` for a symmetric PSD-plus-ridge ``mat`` (Cholesky, else LU, else pinv).
+
+    The ridge makes ``mat`` positive definite in exact arithmetic, but round-off on a (nearly)
+    singular ``F3`` (duplicated input features, all-zero code columns) can still make Cholesky
+    fail and LU divide by ~0; the pseudo-inverse then gives the minimum-norm solution.
+    """
     # Factor in a copy that becomes the factor (potrf is in place): one (n, n) temporary, not two.
     work = mat.clone(memory_format=torch.contiguous_format)
     info = torch.zeros((), dtype=torch.int32, device=mat.device)
     chol, info = torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) == 0:
-        return torch.cholesky_solve(rhs[:, None], chol).squeeze(1)
+        x = torch.cholesky_solve(rhs[:, None], chol).squeeze(1)
+        if bool(torch.isfinite(x).all()):
+            return x
     del work, chol
-    return torch.linalg.solve(mat, rhs)
+    x, info = torch.linalg.solve_ex(mat, rhs)
+    if int(info) == 0 and bool(torch.isfinite(x).all()):
+        return x
+    return pinv_solve(mat, rhs, hermitian=True)
 
 
 @torch.no_grad()
@@ -186,7 +197,10 @@ def fit_rescalers(
         m = w0 * g[None, :]
         f7 = (cross * m).sum(1)
         f8 = row_quad(m)
-        t = f7 / (f8 + _ridge(f8))
+        den = f8 + _ridge(f8)
+        # f8_r = M_r Σ_X̂ M_rᵀ ≥ 0 for a PSD Σ_X̂; a non-positive denominator (round-off, or an
+        # indefinite user Σ_X̂) has no minimiser in t_r, so that row keeps its previous gain.
+        t = torch.where(den > 0, f7 / den.clamp_min(_RIDGE_FLOOR), t)
         loss = (const - 2.0 * float(t @ f7) + float((t * t) @ f8)) / scale
         t, g = _normalise(t, g)
         if loss > loss_prev:

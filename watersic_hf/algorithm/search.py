@@ -104,6 +104,29 @@ def secant_search(
     return best_rho, best_h, history
 
 
+def max_entropy_bits(a: int, n_live: int) -> float:
+    """The largest pooled entropy the codes of an ``a × n_live`` layer can have: ``log2(a·n_live)``.
+
+    A plug-in entropy over ``a·n_live`` codes is at most the log of the number of distinct values,
+    and there are at most ``a·n_live`` of them (every code different). A target above this is
+    unreachable: the rate search would only drive the step towards zero.
+    """
+    count = int(a) * int(n_live)
+    if count < 1:
+        raise ValueError(f"a layer needs at least one live weight, got a={a}, n_live={n_live}")
+    return math.log2(count)
+
+
+def max_live_rate_bits(a: int, n_live: int) -> float:
+    """The largest useful rate per LIVE weight of an ``a × n_live`` layer (``target="live"``).
+
+    ``max_entropy_bits`` plus the side information charged on top of the codes (one fp16 scale per
+    row and per live column), i.e. the inverse of :func:`entropy_target`'s ``"live"`` formula.
+    The cross-layer rate controller clips its per-layer targets to this.
+    """
+    return max_entropy_bits(a, n_live) + 16.0 / n_live + 16.0 / a
+
+
 def entropy_target(
     bits: float, a: int, n_orig: int, n_dead: int, target: str, *, min_entropy: float = 0.01
 ) -> float:
@@ -114,7 +137,8 @@ def entropy_target(
     ORIGINAL entry, ``[H*·a·n_live + 16a + 16 n_live + 16 n_dead] / (a n_orig)``, must equal
     ``bits``, i.e. ``H* = bits·n_orig/n_live − 16/n_live − 16/a − 16 n_dead/(a n_live)``; the two
     agree when nothing is dead. A target at or below the side-information cost is raised to
-    ``min_entropy`` (with a warning): the layer then gets almost all-zero codes.
+    ``min_entropy`` (with a warning): the layer then gets almost all-zero codes. A target above
+    :func:`max_entropy_bits` (a small layer asked for many bits) is capped there, with a warning.
     """
     n_live = n_orig - n_dead
     if target == "live":
@@ -126,4 +150,11 @@ def entropy_target(
                        "information; using an entropy target of %.3g", bits, h, a, n_orig,
                        min_entropy)
         h = min_entropy
+    cap = max_entropy_bits(a, n_live)
+    if h > cap:
+        logger.warning("bits=%.4g asks for a code entropy of %.4g bits in a %dx%d layer (%d live "
+                       "columns), but %d codes carry at most log2(%d) = %.4g bits; capping the "
+                       "entropy target at %.4g", bits, h, a, n_orig, n_live, a * n_live,
+                       a * n_live, cap, cap)
+        h = cap
     return h

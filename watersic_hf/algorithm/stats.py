@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from ._guards import pinv_solve
 from ._linalg import matmul_lower
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def transformed_target(
         # Only a residual term: the cross statistics default to Σ_X̂ itself, and
         # W (Σ_X̂ + δI) L^{-T} = W L, so Y = W L + Σ_ΔR L^{-T}.
         b = sigma_residual
-        y_extra = torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)
+        y_extra = _right_solve_lt(chol, b)
         return matmul_lower(w, chol) + y_extra
     # In place in the product (the same additions in the same order): one (a, n) temporary less.
     b = w @ sigma_x_xhat
@@ -136,4 +137,20 @@ def transformed_target(
     if sigma_residual is not None:
         b += sigma_residual
     # Solve Y Lᵀ = B, i.e. right-multiply by L^{-T}.
-    return torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)
+    return _right_solve_lt(chol, b)
+
+
+def _right_solve_lt(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Y`` with ``Y Lᵀ = B`` (shapes (a, n), (n, n) lower); pseudo-inverse if that overflows.
+
+    ``L`` comes from a successful Cholesky factorisation, so its diagonal is positive, but with
+    ``damp=0`` on a nearly singular ``Σ_X̂`` it can be so small that the substitution overflows.
+    Then ``Y = B (Lᵀ)⁺`` (minimum norm) is used instead, with a warning.
+    """
+    y = torch.linalg.solve_triangular(chol.T, b, upper=True, left=False)
+    if bool(torch.isfinite(y).all()):
+        return y
+    logger.warning("the triangular solve for the transformed target overflowed (Cholesky diagonal "
+                   "down to %.3g); using the pseudo-inverse instead. Raise damp to avoid this",
+                   float(chol.diagonal().min()))
+    return pinv_solve(chol.T, b.T).T

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ...algorithm.search import max_live_rate_bits
 from ..rate_control import RateController
 
 logger = logging.getLogger("watersic_hf.integration.calibrate")
@@ -75,7 +76,9 @@ class RateControl:
         """``(bits, target)`` for the next ``rows × cols`` layer with ``dead_cols`` dead columns."""
         if not self.enabled:
             return self.bits, "original"
-        return self.controller.target(rows, cols, dead_cols), "live"
+        # No more than the layer's codes can carry (algorithm.search.max_live_rate_bits).
+        return min(self.controller.target(rows, cols, dead_cols),
+                   max_live_rate_bits(rows, cols - dead_cols)), "live"
 
     def charge(self, rate_bits: float, rows: int, cols: int) -> None:
         self.controller.charge(rate_bits, rows, cols)
