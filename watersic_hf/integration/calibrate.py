@@ -233,16 +233,19 @@ class _Calibrator:
         # Held-out batches for automatic damping, chosen among ALL batches so that a
         # distributed run holds out the same windows as one process (local indices below).
         n_all = len(batches)
-        held = holdout_batches(n_all, cfg.holdout_fraction) if cfg.auto_damp else []
+        # (also the batches the adaptive-eps search measures its error on).
+        use_held = cfg.auto_damp or (cfg.adaptive_eps and cfg.method == "watersic")
+        held = holdout_batches(n_all, cfg.holdout_fraction) if use_held else []
         start_b = 0
         if self.comm is not None:
             start_b, stop_b = shard_bounds(len(batches), self.comm.world)[self.comm.rank]
             batches = batches[start_b:stop_b]
         self.held_out = frozenset(i - start_b for i in held if 0 <= i - start_b < len(batches))
-        if cfg.auto_damp and not held:
+        if use_held and not held:
             logger.warning(
                 "WaterSIC: automatic damping needs at least 2 calibration batches to hold one "
-                "out; using the fixed damp=%g (raise nsamples, or pass damp=...)",
+                "out (as does the adaptive-eps search's held-out error); using the fixed "
+                "damp=%g and all batches (raise nsamples, or pass damp=...)",
                 cfg.effective_damp,
             )
         elif held:

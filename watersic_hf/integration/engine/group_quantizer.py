@@ -121,9 +121,11 @@ class GroupQuantizer:
         )
 
     def _quantize(self, weight: torch.Tensor, stats: LayerStats | None, prepared: Any,
-                  bits: float, target: str, damp: float | None = None) -> Any:
+                  bits: float, target: str, damp: float | None = None,
+                  rescale: bool | None = None) -> Any:
         cfg = self.cfg
         damp = self.damp if damp is None else damp
+        rescale = cfg.rescale if rescale is None else rescale
         if self.method == "rtn":
             return algorithm.rtn_quantize(
                 weight, None if stats is None else stats.sigma_x, bits,
@@ -138,7 +140,7 @@ class GroupQuantizer:
         return algorithm.watersic_quantize(
             weight, stats.sigma_x, bits, sigma_xhat=stats.sigma_xhat,
             sigma_x_xhat=stats.sigma_x_xhat, sigma_residual=stats.sigma_residual,
-            damp=damp, lmmse=cfg.lmmse, rescale=cfg.rescale,
+            damp=damp, lmmse=cfg.lmmse, rescale=rescale,
             dead_threshold=cfg.dead_threshold, seed=cfg.seed, target=target, prepared=prepared,
         )
 
@@ -203,8 +205,8 @@ class GroupQuantizer:
         }
 
     def trial_group(self, ctx: BlockContext, names: tuple[str, ...], stats: LayerStats,
-                    originals: dict[str, torch.Tensor],
-                    damp: float | None = None) -> dict[str, Any]:
+                    originals: dict[str, torch.Tensor], damp: float | None = None,
+                    rescale: bool | None = None) -> dict[str, Any]:
         """Quantize ``originals`` of a group at ``stats`` for a search trial.
 
         The trial is charged to a copy of the budget and reported to nobody; the dequantized
@@ -216,7 +218,7 @@ class GroupQuantizer:
         for rel in names:
             w = originals[rel]
             bits, target = rate.target(w.shape[0], w.shape[1], prepared.n_dead)
-            q = self._quantize(w, stats, prepared, bits, target, damp=damp)
+            q = self._quantize(w, stats, prepared, bits, target, damp=damp, rescale=rescale)
             rate.charge(q.rate_bits, *w.shape)
             ctx.linears[rel].weight.copy_(q.dequantize().to(w.device, w.dtype))
             out[rel] = q

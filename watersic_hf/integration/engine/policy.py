@@ -24,14 +24,14 @@ import torch
 
 from ..stats import MomentAccumulator
 from .context import BlockContext, GroupStep, LayerStats
-from .damping import choose_damp
+from .damping import DampChoice, choose_damp
 from .group_quantizer import GroupQuantizer
 from .runner import PairedBatch, PairedRunner
 
 logger = logging.getLogger("watersic_hf.integration.calibrate")
 
 __all__ = ["AdaptiveEpsPolicy", "FixedMixPolicy", "StatisticsPolicy", "golden_section",
-           "make_policy"]
+           "make_policy", "search_eps"]
 
 
 class StatisticsPolicy(Protocol):
@@ -159,7 +159,14 @@ class FixedMixPolicy:
 
 
 class AdaptiveEpsPolicy:
-    """Per-block search of the drift blend ε_q and the attention blend ε_a (golden section)."""
+    """Per-block search of the drift blend ε_q and the attention blend ε_a (golden section).
+
+    The search is kept cheap: each trial quantizes the group without rescalers (they only refine
+    the scales of the chosen point, which is re-quantized with them), and its error is measured
+    on the held-out batches (``ctx.held_out``) only, which also keeps the choice honest; without
+    held-out batches every batch is used. With automatic damping the group's damping is chosen
+    first, at the fixed mix, and every trial reuses it.
+    """
 
     _KINDS = ("x", "xhat", "cross", "wx", "wxhat", "wcross")
 
@@ -168,8 +175,12 @@ class AdaptiveEpsPolicy:
             raise ValueError(f"the adaptive-eps search of {step.first} needs a next group")
         self.step, self.ctx = step, ctx
         self.steps = config.adaptive_eps_steps
+        self.eps = config.attn_eps
         n = ctx.linears[step.first].in_features
         self.acc = {k: MomentAccumulator(n, n, ctx.device) for k in self._KINDS}
+        # The held-out batches at the fixed mix, for automatic damping (also in ``acc``).
+        self.held = (_MixMoments(n, ctx.device, True, config.attn_eps)
+                     if getattr(config, "auto_damp", False) and ctx.held_out else None)
 
     def add(self, batch: PairedBatch) -> None:
         acc = self.acc
@@ -180,14 +191,35 @@ class AdaptiveEpsPolicy:
             acc["wx"].add(batch.x, weight=batch.p)
             acc["wxhat"].add(batch.x_hat, weight=batch.p)
             acc["wcross"].add(batch.x, batch.x_hat, weight=batch.p)
+        if self.held is not None and batch.index in self.ctx.held_out:
+            self.held.add(batch)
 
     def accumulators(self) -> list[MomentAccumulator]:
-        return [self.acc[k] for k in self._KINDS]
+        accs = [self.acc[k] for k in self._KINDS]
+        return accs + ([] if self.held is None else self.held.accumulators())
+
+    def _damping(self, quantizer: GroupQuantizer, mixed: Callable[[float, float], LayerStats],
+                 n_all: int) -> DampChoice | None:
+        """Automatic damping at the fixed mix: the kept windows' statistics are all windows'
+        minus the held-out ones (token-weighted)."""
+        if self.held is None or not 0 < self.held.tokens < n_all:
+            return None
+        n_held = self.held.tokens
+        held = self.held.take()
+        self.held = None
+        fit = mixed(0.0, self.eps)
+        for name in ("sigma_x", "sigma_xhat", "sigma_x_xhat"):
+            f, h = getattr(fit, name), getattr(held, name)
+            f.mul_(n_all / (n_all - n_held)).sub_(h, alpha=n_held / (n_all - n_held))
+        fit.sigma_x = 0.5 * (fit.sigma_x + fit.sigma_x.T)
+        fit.sigma_xhat = 0.5 * (fit.sigma_xhat + fit.sigma_xhat.T)
+        return choose_damp(quantizer, self.ctx, self.step.names, fit, held)
 
     def solve(self, quantizer: GroupQuantizer, runner: PairedRunner) -> dict[str, Any]:
         step, ctx = self.step, self.ctx
         nxt = step.next_first
         assert nxt is not None
+        n_all = self.acc["x"].tokens
         # Not symmetrised here: the blends below are symmetrised by the quantizer's validation,
         # exactly as before the engine split (symmetrising first would round differently).
         m = {k: a.take() for k, a in self.acc.items() if a.tokens > 0}
@@ -195,7 +227,8 @@ class AdaptiveEpsPolicy:
         if "wx" not in m:  # the probe did not fire: fall back to unweighted statistics
             m.update(wx=m["x"], wxhat=m["xhat"], wcross=m["cross"])
         originals = {rel: ctx.linears[rel].weight.detach().clone() for rel in step.names}
-        ref_energy = runner.input_energy(nxt)
+        search = sorted(ctx.held_out) or None
+        ref_energy = runner.input_energy(nxt, search)
 
         def mixed(eq: float, ea: float) -> LayerStats:
             def blend(kind: str) -> torch.Tensor:
@@ -207,32 +240,57 @@ class AdaptiveEpsPolicy:
 
             return LayerStats(blend("x"), blend("xhat"), blend("cross"))
 
+        choice = self._damping(quantizer, mixed, n_all)
+        damp = None if choice is None else choice.damp
         evaluated: dict[tuple[float, float], float] = {}
 
         def evaluate(eq: float, ea: float) -> float:
             key = (round(eq, 12), round(ea, 12))
             if key in evaluated:
                 return evaluated[key]
-            quantizer.trial_group(ctx, step.names, mixed(eq, ea), originals)
-            evaluated[key] = runner.input_error(nxt) / max(ref_energy, 1e-300)
+            quantizer.trial_group(ctx, step.names, mixed(eq, ea), originals, damp=damp,
+                                  rescale=False)
+            evaluated[key] = runner.input_error(nxt, search) / max(ref_energy, 1e-300)
             return evaluated[key]
 
-        evaluate(0.0, 0.0)
-        evaluate(1.0, 0.0)
-        golden_section(lambda e: evaluate(e, 0.0), self.steps)
-        eq_best = min((k for k in evaluated if k[1] == 0.0), key=lambda k: evaluated[k])[0]
-        evaluate(eq_best, 1.0)
-        golden_section(lambda e: evaluate(eq_best, e), self.steps)
-        best = min(evaluated, key=lambda k: evaluated[k])
+        best = search_eps(evaluate, self.steps)
         logger.info(
             "block %d: adaptive eps search chose eps_q=%.3f eps_a=%.3f (attention-output rel. "
-            "error %.4g, %d evaluations)",
-            ctx.index, best[0], best[1], evaluated[best], len(evaluated),
+            "error %.4g on %s batches, %d evaluations)",
+            ctx.index, best[0], best[1], evaluated[best],
+            "held-out" if search else "all", len(evaluated),
         )
         # Re-run the chosen point through the normal path so that it is charged and reported.
         for rel in step.names:
             ctx.linears[rel].weight.copy_(originals[rel])
-        return quantizer.quantize_group(ctx, step.names, mixed(*best))
+        return quantizer.quantize_group(ctx, step.names, mixed(*best), choice)
+
+
+def search_eps(
+    evaluate: Callable[[float, float], float], steps: int
+) -> tuple[float, float]:
+    """Coordinate search of ``(ε_q, ε_a)`` in ``[0, 1]²``: ε_q by golden section at ε_a = 0,
+    then ε_a by golden section at the best ε_q; returns the best point evaluated.
+
+    Args:
+        evaluate: ``(ε_q, ε_a) -> error``; it should cache repeated points.
+        steps (`int`): golden-section steps per coordinate.
+    """
+    seen: dict[tuple[float, float], float] = {}
+
+    def f(eq: float, ea: float) -> float:
+        key = (round(eq, 12), round(ea, 12))
+        if key not in seen:
+            seen[key] = evaluate(eq, ea)
+        return seen[key]
+
+    f(0.0, 0.0)
+    f(1.0, 0.0)
+    golden_section(lambda e: f(e, 0.0), steps)
+    eq_best = min((k for k in seen if k[1] == 0.0), key=lambda k: seen[k])[0]
+    f(eq_best, 1.0)
+    golden_section(lambda e: f(eq_best, e), steps)
+    return min(seen, key=lambda k: seen[k])
 
 
 def golden_section(

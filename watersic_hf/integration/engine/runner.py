@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,12 +313,13 @@ class PairedRunner:
                         )
                 yield batch
 
-    def input_error(self, name: str) -> float:
-        """``Σ_b ‖x̂_name − x_name‖²`` with the block's current weights (adaptive-ε search)."""
+    def input_error(self, name: str, batches: Sequence[int] | None = None) -> float:
+        """``Σ_b ‖x̂_name − x_name‖²`` with the block's current weights (adaptive-ε search),
+        over ``batches`` (default: all)."""
         ctx = self.ctx
         errs = []
         with Tap(ctx.linears, inputs=(name,), stop_before=name) as tap:
-            for b in range(ctx.batches):
+            for b in (range(ctx.batches) if batches is None else batches):
                 tap.clear()
                 with self._outputs.serve(b):
                     self._call(ctx.qcache[b], b)
@@ -326,11 +327,10 @@ class PairedRunner:
                 errs.append(float(diff.pow(2).sum()))
         return self.batch_sum(errs)
 
-    def input_energy(self, name: str) -> float:
-        """``Σ_b ‖x_name‖²`` on the float path."""
-        return self.batch_sum(
-            [float(self._fx[b][name].float().pow(2).sum()) for b in range(self.ctx.batches)]
-        )
+    def input_energy(self, name: str, batches: Sequence[int] | None = None) -> float:
+        """``Σ_b ‖x_name‖²`` on the float path, over ``batches`` (default: all)."""
+        idx = range(self.ctx.batches) if batches is None else batches
+        return self.batch_sum([float(self._fx[b][name].float().pow(2).sum()) for b in idx])
 
     def finalize(self, step: GroupStep) -> None:
         """Mark a group's Linears final: later passes compute their outputs once, then reuse."""

