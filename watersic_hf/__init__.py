@@ -14,11 +14,29 @@ from .nn import WaterSICLinear
 from .quantizer import WaterSICHfQuantizer
 from .report import report
 
+
+def register_lora(config):  # noqa: ANN001, ANN201 - peft types, imported lazily
+    """Let a `peft.LoraConfig` put LoRA adapters on `WaterSICLinear` layers (QLoRA-style).
+
+    ``get_peft_model(model, watersic_hf.register_lora(LoraConfig(target_modules=[...])))``;
+    see `watersic_hf.integration.peft.register_lora`. Imports ``peft`` on the first call only,
+    so ``import watersic_hf`` does not need it.
+    """
+    try:
+        from .integration.peft import register_lora as _register
+    except ImportError as err:
+        raise ImportError(
+            f"LoRA on WaterSIC layers needs PEFT ({err}): pip install 'watersic-hf[train]'"
+        ) from err
+    return _register(config)
+
+
 __all__ = [
     "FORMAT_VERSION",
     "WaterSICConfig",
     "WaterSICHfQuantizer",
     "WaterSICLinear",
     "__version__",
+    "register_lora",
     "report",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+from typing import Any
 
 import torch
 
@@ -115,14 +116,16 @@ def resolve_backend(requested: str | Backend, device: torch.device) -> Backend:
 def torch_plain_matmul(
     x: torch.Tensor,  # (..., K) float
     codes: torch.Tensor,  # (N, K) int32
-    col_scale: torch.Tensor,  # (K,) fp16
-    row_scale: torch.Tensor,  # (N,) fp16
+    col_scale: torch.Tensor,  # (K,) fp16 or fp32
+    row_scale: torch.Tensor,  # (N,) fp16 or fp32
     bias: torch.Tensor | None,  # (N,) any float
 ) -> torch.Tensor:
     """``y = row_scale · ((x · col_scale) @ codesᵀ) + bias`` from unpacked int32 codes.
 
-    All arithmetic is fp32 (codes up to 2²⁴ are exact there; fp16 would not hold codes above
-    2048 exactly); the result is cast back to ``x.dtype``.
+    Plain torch, hence differentiable in ``x``, the scales (fp16 or fp32) and ``bias``, with
+    the same gradients as the packed op's autograd formula. All arithmetic is fp32 (codes up
+    to 2²⁴ are exact there; fp16 would not hold codes above 2048 exactly); the result is cast
+    back to ``x.dtype``.
 
     Returns:
         `torch.Tensor` of shape `(..., N)` and dtype ``x.dtype``.
@@ -181,17 +184,118 @@ def _packed_linear_op(
     if backend == Backend.TRITON.value:
         from .kernels import triton_packed_matmul
 
+        # the Triton kernel loads the scales through typed pointers and converts them to fp32,
+        # so fp16 and fp32 scales both work as they are
         return triton_packed_matmul(*args)
     if backend == Backend.CPU.value:
-        from .cpu_kernels import cpu_packed_matmul
-
-        return cpu_packed_matmul(*args)
+        return _cpu_matmul_any_scale(_CPU_MATMUL or _load_cpu_matmul(), *args)
     return torch_packed_matmul(*args)
 
 
 @_packed_linear_op.register_fake
 def _(x, packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale, bias, backend):
     return x.new_empty(x.shape[0], packed.shape[1])
+
+
+# ---------------------------------------------------------------------------------- autograd
+# Indices of the op's differentiable inputs; the five code tensors and ``backend`` never get a
+# gradient (the codes are integers, frozen by construction).
+_X, _COL, _ROW, _BIAS = 0, 6, 7, 8
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale, bias, _ = inputs
+    # x is only read by the scale gradients: not keeping it saves one activation per layer in
+    # the usual LoRA setup (frozen scales)
+    keep_x = col_scale.requires_grad or row_scale.requires_grad
+    ctx.save_for_backward(
+        x if keep_x else None, packed, group_meta, perm, escape_packed, escape_base, col_scale,
+        row_scale,
+    )
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``y = row_scale · ((x · col_scale) @ Cᵀ) + bias`` (``grad``: `(M, N)`).
+
+    * ``grad_x = ((grad · row_scale) @ C) · col_scale``, `(M, K)`;
+    * ``grad_col_scale = Σ_m x · ((grad · row_scale) @ C)``, `(K,)`;
+    * ``grad_row_scale = Σ_m grad · ((x · col_scale) @ Cᵀ)``, `(N,)`;
+    * ``grad_bias = Σ_m grad``, `(N,)`.
+
+    Arithmetic is fp32 like the forward (codes are exact there); each gradient is returned in
+    the dtype of its input, so fp32 scales being fine-tuned get fp32 gradients. The codes are
+    decoded with the reference decoder `packing.unpack_codes` (plain torch, any device): a
+    transient `(N, K)` matrix per layer and backward call.
+    """
+    x, packed, group_meta, perm, escape_packed, escape_base, col_scale, row_scale = (
+        ctx.saved_tensors
+    )
+    needs = ctx.needs_input_grad
+    grads: list[torch.Tensor | None] = [None] * 10
+    if not (needs[_X] or needs[_COL] or needs[_ROW] or needs[_BIAS]):
+        return tuple(grads)
+    g = grad.float()
+    if needs[_BIAS]:
+        grads[_BIAS] = g.sum(0).to(ctx.bias_dtype)
+    if needs[_X] or needs[_COL] or needs[_ROW]:
+        tensors = {
+            "weight_packed": packed,
+            "weight_group_meta": group_meta,
+            "weight_perm": perm,
+            "weight_escape_packed": escape_packed,
+            "weight_escape_base": escape_base,
+        }
+        codes = packing.unpack_codes(tensors, perm.shape[0], packed.shape[1]).float()  # (N, K)
+        cs, rs = col_scale.float(), row_scale.float()
+        if needs[_X] or needs[_COL]:
+            gc = torch.matmul(g * rs, codes)  # (M, K): gradient w.r.t. x · col_scale
+            if needs[_X]:
+                grads[_X] = (gc * cs).to(ctx.x_dtype)
+            if needs[_COL]:
+                grads[_COL] = (gc * x.float()).sum(0).to(col_scale.dtype)
+        if needs[_ROW]:
+            z = torch.matmul(x.float() * cs, codes.t())  # (M, N): the output before row_scale
+            grads[_ROW] = (g * z).sum(0).to(row_scale.dtype)
+    return tuple(grads)
+
+
+_packed_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _cpu_matmul_any_scale(
+    cpu_matmul: Any,
+    x: torch.Tensor,  # (M, K) float
+    packed: torch.Tensor,  # (W, N) int32
+    group_meta: torch.Tensor,  # (NG, 8) int32
+    perm: torch.Tensor,  # (K,) int32
+    escape_packed: torch.Tensor,  # (WE,) int32
+    escape_base: torch.Tensor,  # (NGE, NC) int32
+    col_scale: torch.Tensor,  # (K,) fp16 or another float dtype
+    row_scale: torch.Tensor,  # (N,) fp16 or another float dtype
+    bias: torch.Tensor | None,  # (N,) any float
+) -> torch.Tensor:
+    """`cpu_kernels.cpu_packed_matmul` for scales of any float dtype.
+
+    The numba kernels read the scales as fp16 bit patterns. Scales in another dtype (fp32
+    scales being fine-tuned) are applied in fp32 torch around a kernel call with unit fp16
+    scales and no bias, in the order `torch_plain_matmul` uses, so the result is the same.
+
+    Returns:
+        `torch.Tensor` of shape `(M, N)` and dtype ``x.dtype``.
+    """
+    if col_scale.dtype == torch.float16 and row_scale.dtype == torch.float16:
+        return cpu_matmul(x, packed, group_meta, perm, escape_packed, escape_base, col_scale,
+                          row_scale, bias)
+    ones_k = torch.ones(perm.shape[0], dtype=torch.float16)
+    ones_n = torch.ones(packed.shape[1], dtype=torch.float16)
+    xs = x.float() * col_scale.float()
+    y = cpu_matmul(xs, packed, group_meta, perm, escape_packed, escape_base, ones_k, ones_n,
+                   None) * row_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def packed_linear(
@@ -211,10 +315,15 @@ def packed_linear(
     Args:
         x (`torch.Tensor` of shape `(..., K)`): activations, any float dtype.
         tensors (`dict[str, torch.Tensor]`): the code tensors of `packing.CODE_TENSOR_NAMES`.
-        col_scale (`torch.Tensor` of shape `(K,)`, float16): per-column scale.
-        row_scale (`torch.Tensor` of shape `(N,)`, float16): per-row scale.
+        col_scale (`torch.Tensor` of shape `(K,)`): per-column scale, float16 (as stored) or
+            another float dtype (e.g. fp32 scales being fine-tuned).
+        row_scale (`torch.Tensor` of shape `(N,)`): per-row scale, same dtypes as
+            ``col_scale``.
         bias (`torch.Tensor` of shape `(N,)`, *optional*): bias.
         backend (`str` or `Backend`, *optional*, defaults to ``"auto"``).
+
+    Differentiable in ``x``, both scales and ``bias`` (the op's autograd formula, on every
+    backend); the codes never get gradients.
 
     Returns:
         `torch.Tensor` of shape `(..., N)` and dtype ``x.dtype``.
@@ -237,15 +346,26 @@ def packed_linear(
     if (
         chosen is Backend.CPU
         and not torch.compiler.is_compiling()
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and not (torch.is_grad_enabled() and _any_requires_grad(x, col_scale, row_scale, bias))
     ):
         # eager CPU calls skip the custom op's dispatcher (measured: ~30 µs of a ~100 µs
-        # per-layer budget when decoding a small model); compiled graphs and autograd still
-        # see the op
-        y = (_CPU_MATMUL or _load_cpu_matmul())(*args)
+        # per-layer budget when decoding a small model); compiled graphs and autograd (a
+        # gradient wanted for x, a scale or the bias) still see the op
+        y = _cpu_matmul_any_scale(_CPU_MATMUL or _load_cpu_matmul(), *args)
     else:
         y = _packed_linear_op(*args, chosen.value)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+
+
+def _any_requires_grad(
+    x: torch.Tensor, col_scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
+    return (
+        x.requires_grad
+        or col_scale.requires_grad
+        or row_scale.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
 
 
 _CPU_MATMUL = None

@@ -199,7 +199,11 @@ class WaterSICHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """True: gradients flow through ``WaterSICLinear`` (the packed op has an autograd
+        formula), so transformers' Trainer accepts the model once trainable adapters are attached
+        (LoRA via ``watersic_hf.register_lora``). The codes and scales themselves stay frozen
+        (``requires_grad=False``); ``is_qat_trainable`` stays False."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
