@@ -139,3 +139,40 @@ def test_config_holdout_fraction_is_checked():
         watersic_hf.WaterSICConfig(holdout_fraction=0.0)
     with pytest.raises(ValueError, match="holdout_fraction"):
         watersic_hf.WaterSICConfig(holdout_fraction=0.75)
+
+
+# ------------------------------------------------------------------ adaptive (eps_q, eps_a)
+
+
+@pytest.mark.parametrize("optimum", [(0.3, 0.7), (0.0, 0.01), (0.85, 0.2)])
+def test_eps_search_finds_a_known_optimum(optimum):
+    """The coordinate golden-section search lands within its final bracket of the minimum of a
+    separable bowl whose answer is known."""
+    from watersic_hf.integration.engine.policy import search_eps
+
+    calls = []
+
+    def err(eq: float, ea: float) -> float:
+        calls.append((eq, ea))
+        return (eq - optimum[0]) ** 2 + 2.0 * (ea - optimum[1]) ** 2 + 1.0
+
+    best = search_eps(err, steps=8)
+    bracket = 0.618 ** 8  # width of the final golden-section bracket on [0, 1]
+    assert abs(best[0] - optimum[0]) <= bracket
+    assert abs(best[1] - optimum[1]) <= bracket
+    assert len(calls) == len(set(calls)) <= 2 * (8 + 3) + 3  # no point evaluated twice
+
+
+def test_adaptive_eps_searches_on_held_out_batches_with_automatic_damping(one_thread, caplog):
+    """On a real block the search runs on the held-out batches and its damping comes from the
+    automatic choice at the fixed mix."""
+    import re
+
+    with caplog.at_level(logging.INFO, logger="watersic_hf"):
+        res = _calibrate(adaptive_eps=True, adaptive_eps_steps=2)
+    chosen = re.findall(r"chose eps_q=([0-9.]+) eps_a=([0-9.]+) .*on held-out batches",
+                        caplog.text)
+    assert len(chosen) == 2  # one per block, measured on held-out batches
+    for eq, ea in chosen:
+        assert 0.0 <= float(eq) <= 1.0 and 0.0 <= float(ea) <= 1.0
+    assert all(r.damp is not None for r in res.reports)
