@@ -166,3 +166,150 @@ def test_gptq_entropy_is_the_old_entropy_coded_variant():
     q = gptq_entropy_quantize(w, sigma, 2.5)
     assert q.method == "gptq_entropy" and q.group_scale is None and q.code_bits is None
     assert q.rate_bits == pytest.approx(2.5, abs=0.1)
+
+
+# ---------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("fmt", ["plain", "packed"])
+def test_linear_with_group_scales(fmt):
+    from watersic_hf.nn import WaterSICLinear
+
+    w, sigma = _problem(a=24, n=80, seed=5)
+    q = gptq_quantize(w.float(), sigma, 4, group_size=32)
+    bias = torch.randn(24)
+    lin = WaterSICLinear.from_quantized(q, bias, format=fmt)
+    assert lin.layout_metadata()["scale_group_size"] == 32
+    assert lin.weight_group_scale.dtype == torch.float16 and lin.weight_group_scale.shape == (24, 3)
+    torch.testing.assert_close(lin.dequantize().weight, q.dequantize(), rtol=0, atol=0)
+    x = torch.randn(5, 80)
+    torch.testing.assert_close(lin(x), x @ q.dequantize().T + bias, rtol=1e-5, atol=1e-5)
+    # the group scales are counted in memory: 16 bits each
+    plain = WaterSICLinear.from_quantized(
+        type("Q", (), {"codes": q.codes, "col_scale": q.col_scale, "row_scale": q.row_scale})(),
+        None, format=fmt)
+    assert lin.bits_in_memory - plain.bits_in_memory == pytest.approx(16 * 3 / 80)
+    # casts keep the scales fp16 (a storage format), the skeleton rebuilds the same shapes
+    half = lin.half()
+    assert half.weight_group_scale.dtype == torch.float16
+    skeleton = WaterSICLinear(80, 24, True, lin.layout_metadata(), device="meta")
+    assert skeleton.weight_group_scale.shape == (24, 3)
+
+
+def test_linear_refuses_a_bad_group_layout():
+    from watersic_hf.nn import WaterSICLinear
+
+    with pytest.raises(ValueError, match="scale_group_size"):
+        WaterSICLinear(8, 4, False, {"format": "plain", "version": 1, "scale_group_size": 0})
+    w, sigma = _problem(a=4, n=16)
+    q = gptq_quantize(w.float(), sigma, 4, group_size=8)
+    q.group_size = 4  # shape (4, 2) no longer matches ceil(16 / 4) = 4 groups
+    with pytest.raises(ValueError, match="group_scale has shape"):
+        WaterSICLinear.from_quantized(q, None)
+
+
+def test_vllm_plugin_refuses_grouped_layers():
+    # the check WaterSICVllmConfig.from_config runs first (plain torch, no vLLM needed)
+    from watersic_hf.vllm.sharding import refuse_grouped_layers
+
+    layers = {"model.layers.0.mlp.down_proj": {"in": 128, "out": 64, "bias": False,
+                                               "layout": {"format": "packed",
+                                                          "scale_group_size": 128}},
+              "model.layers.0.mlp.up_proj": {"in": 64, "out": 128, "bias": False,
+                                             "layout": {"format": "packed"}}}
+    with pytest.raises(ValueError, match=r"1 layer\(s\) .*per-group scales.*down_proj"):
+        refuse_grouped_layers(layers)
+    refuse_grouped_layers({"a": layers["model.layers.0.mlp.up_proj"]})
+
+
+# ---------------------------------------------------------------------------- end to end
+def _quantize_tiny(tmp_path, **kw):
+    from _tiny import make_local_tokenizer, make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from watersic_hf import WaterSICConfig
+
+    src = tmp_path / "src"
+    if not src.exists():
+        make_tiny_model("llama", src)
+        make_local_tokenizer(src)
+    ids = [torch.arange(16) % 100 + i for i in range(2)]
+    cfg = WaterSICConfig(dataset=ids, seqlen=16, device="cpu", **kw)
+    return AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(32, True), (0, False)])
+def test_tiny_model_end_to_end(tmp_path, group_size, act_order):
+    from transformers import AutoModelForCausalLM
+
+    import watersic_hf
+
+    model = _quantize_tiny(tmp_path, method="gptq", bits=4, gptq_group_size=group_size,
+                           gptq_act_order=act_order)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, watersic_hf.WaterSICLinear)
+    assert (q_proj.layout_metadata().get("scale_group_size") == (group_size or None))
+    cfg = model.config.quantization_config
+    n_weights = sum(m.in_features * m.out_features for m in model.modules()
+                    if isinstance(m, watersic_hf.WaterSICLinear))
+    # the fixed rate is charged: 4 bits plus the scales (more than 4, never the rate target)
+    assert cfg.achieved_bits > 4.0
+    assert cfg.achieved_bits < 4.0 + 16 * 3 / 32 + 0.6
+    x = torch.arange(8)[None]
+    with torch.no_grad():
+        ref = model(x).logits
+    codes = q_proj.codes()
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    for storage in ("packed", "entropy"):
+        cfg.storage = storage
+        out = tmp_path / storage
+        model.save_pretrained(out)
+        again = AutoModelForCausalLM.from_pretrained(out)
+        mod = again.model.layers[0].self_attn.q_proj
+        assert isinstance(mod, watersic_hf.WaterSICLinear)
+        if group_size:
+            assert torch.equal(mod.weight_group_scale, q_proj.weight_group_scale)
+        assert torch.equal(mod.codes(), codes)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x).logits, ref, rtol=0, atol=0)
+        rep = watersic_hf.report(again)
+        mem = sum(m.bits_in_memory * m.in_features * m.out_features for m in again.modules()
+                  if isinstance(m, watersic_hf.WaterSICLinear)) / n_weights
+        assert rep["bits_in_memory"] == pytest.approx(mem, rel=1e-5)
+        assert rep["bits_on_disk"] > 0
+
+
+def test_tiny_model_gptq_entropy_and_an_old_gptq_checkpoint(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    model = _quantize_tiny(tmp_path, method="gptq_entropy", bits=2.5)
+    assert model.config.quantization_config.achieved_bits == pytest.approx(2.5, abs=0.05)
+    model.save_pretrained(tmp_path / "q")
+    # a checkpoint written before the rename says method="gptq" with fractional bits: the method
+    # is informational at load time, so it loads as before
+    path = tmp_path / "q" / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["method"] = "gptq"
+    for key in ("gptq_group_size", "gptq_act_order"):
+        data["quantization_config"].pop(key)
+    path.write_text(json.dumps(data))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.config.quantization_config.method == "gptq"
+    x = torch.arange(8)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"bits": 2.5}, "whole number of bits"),
+    ({"bits": 10}, "whole number of bits"),
+    ({"bits": 4, "gptq_group_size": -3}, "gptq_group_size"),
+    ({"bits": 4, "gptq_act_order": 1}, "gptq_act_order"),
+])
+def test_config_refuses_bad_gptq_settings(kw, match):
+    from watersic_hf import WaterSICConfig
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        WaterSICConfig(method="gptq", **kw)
+    if "bits" in kw and kw["bits"] == 2.5:
+        assert WaterSICConfig(method="gptq_entropy", bits=2.5).effective_damp == 0.01
