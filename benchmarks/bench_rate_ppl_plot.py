@@ -1,8 +1,10 @@
-"""Rate vs perplexity of a whole model: WaterSIC, GPTQ and RTN (same pipeline, same accounting).
+"""Rate vs perplexity of a whole model: WaterSIC, GPTQ and RTN (same pipeline).
 
 For each method and target rate the model is quantized through ``from_pretrained(...,
 quantization_config=WaterSICConfig(...))``, saved, and measured: the achieved rate (entropy
-accounting), the bits on disk, perplexity and KL(P_float ‖ P_quantized) on the SOTU 2010-2013 text
+accounting; for standard GPTQ its fixed rate, ``bits`` per code plus 16 bits per scale), the bits
+per weight in memory (``WaterSICLinear.bits_in_memory`` weighted by layer size) and on disk,
+perplexity and KL(P_float ‖ P_quantized) on the SOTU 2010-2013 text
 (protocol of :mod:`watersic_hf.evaluation`: first 4096 tokens, 512-token windows). Every point is
 appended to a JSON file as soon as it is measured, so an interrupted sweep resumes where it stopped.
 The script then draws ``docs/rate_ppl.png`` and rewrites the ``rate_ppl`` section of
@@ -13,6 +15,11 @@ Usage:
     python benchmarks/bench_rate_ppl_plot.py --quick         # 2 methods x 2 rates, 8 x 256 tokens
     python benchmarks/bench_rate_ppl_plot.py --plot-only     # redraw from the JSON file
     python benchmarks/bench_rate_ppl_plot.py --model DIR --eval-text FILE --no-doc   # any model
+    python benchmarks/bench_rate_ppl_plot.py --methods gptq,gptq_entropy --bits 3,4
+
+Methods: ``watersic``, ``gptq`` (standard GPTQ, ``w{bits} g{--gptq-group-size}``; only whole
+``--bits`` in [2, 8] are run for it, others are skipped), ``gptq_entropy`` (entropy-coded
+single-step GPTQ) and ``rtn``.
 
 On the project's 2-core CPU host one SmolLM2 point at 32 x 512 calibration tokens takes about
 25 minutes (see ``watersic-quantize``'s estimate); a GPU run uses 128 x 2048 tokens.
@@ -39,9 +46,28 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "rate_ppl.json"
 DEFAULT_PLOT = ROOT / "docs" / "rate_ppl.png"
 METHOD_STYLE = {
     "watersic": ("WaterSIC", "o-"),
-    "gptq": ("GPTQ (entropy-coded)", "s--"),
+    "gptq": ("GPTQ", "D-."),
+    "gptq_entropy": ("GPTQ (entropy-coded)", "s--"),
     "rtn": ("RTN (entropy-coded)", "^:"),
 }
+
+
+def method_label(method: str, bits: float | None = None, group_size: int | None = None) -> str:
+    """Display name of a method; standard GPTQ names its grid, e.g. ``GPTQ (w4 g128)``."""
+    if method != "gptq":
+        return METHOD_STYLE[method][0]
+    group = "per-channel" if not group_size or group_size < 1 else f"g{group_size}"
+    width = "" if bits is None else f"w{bits:g} "
+    return f"GPTQ ({width}{group})"
+
+
+def memory_bits(model: Any) -> float:
+    """Bits per weight in memory: ``WaterSICLinear.bits_in_memory`` weighted by ``in · out``."""
+    from watersic_hf import WaterSICLinear
+
+    layers = [m for m in model.modules() if isinstance(m, WaterSICLinear)]
+    total = sum(m.in_features * m.out_features for m in layers)
+    return sum(m.bits_in_memory * m.in_features * m.out_features for m in layers) / total
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -71,6 +97,7 @@ def _key(point: dict[str, Any]) -> tuple:
         point["nsamples"],
         point["seqlen"],
         point["eval_text"],
+        point.get("group_size"),
     )
 
 
@@ -85,6 +112,7 @@ def measure_point(
     seqlen: int,
     device: str,
     eval_kw: dict[str, Any],
+    gptq_group_size: int = 128,
 ) -> dict[str, Any]:
     """Quantize ``model_dir`` once and measure rate, bits on disk, perplexity and KL."""
     from transformers import AutoModelForCausalLM
@@ -99,6 +127,7 @@ def measure_point(
         seqlen=seqlen,
         device=device,
         tokenizer=tokenizer,
+        gptq_group_size=gptq_group_size,
     )
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
@@ -107,6 +136,7 @@ def measure_point(
     with tempfile.TemporaryDirectory(prefix="bench-rate-ppl-") as tmp:
         model.save_pretrained(tmp)
         disk = disk_bits(tmp, qc.layers)
+    memory = memory_bits(model)
     ppl = perplexity(model, tokenizer, eval_text, **eval_kw)
     kl = kl_divergence(model, reference, tokenizer, eval_text, **eval_kw)
     point = {
@@ -114,6 +144,7 @@ def measure_point(
         "bits_target": bits,
         "achieved_bits": qc.achieved_bits,
         "bits_on_disk": disk["bits_per_weight"],
+        "bits_in_memory": memory,
         "ppl": ppl["ppl"],
         "kl_bits": kl["kl_bits"],
         "top1_agreement": kl["top1_agreement"],
@@ -135,18 +166,21 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method, (label, style) in METHOD_STYLE.items():
-        pts = sorted(
-            (p["achieved_bits"], p["ppl"]) for p in results["points"] if p["method"] == method
-        )
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label)
+        mine = [p for p in results["points"] if p["method"] == method]
+        for group in sorted({p.get("group_size") or 0 for p in mine}):
+            pts = sorted((p["achieved_bits"], p["ppl"], p["bits_target"]) for p in mine
+                         if (p.get("group_size") or 0) == group)
+            if method == "gptq":
+                widths = ",".join(f"{b:g}" for b in sorted({b for *_, b in pts}))
+                label = method_label(method, None, group).replace("(", f"(w{widths} ", 1)
+            ax.plot([x for x, *_ in pts], [y for _, y, _ in pts], style, label=label)
     if results.get("float"):
         ax.axhline(results["float"]["ppl"], color="gray", lw=1, label="float (fp32)")
     ax.set_yscale("log")
     # Plain numbers on the log axis: the perplexity range of one model is narrow.
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    ax.set_xlabel("achieved rate (bits per weight, entropy of codes + scales)")
+    ax.set_xlabel("achieved rate (bits per weight: entropy of codes + scales; GPTQ: fixed)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -171,17 +205,20 @@ def markdown(results: dict[str, Any], plot_path: pathlib.Path) -> str:
         f"{results.get('nsamples')} x {results.get('seqlen')} tokens. Perplexity protocol: "
         f"{points[0]['protocol'] if points else ''}. KL is KL(P_float ‖ P_quantized) per token.",
         "",
-        "| method | target bits | achieved bits | bits on disk | ppl | KL (bits/token) "
-        "| top-1 agree | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | target bits | achieved bits | bits in memory | bits on disk | ppl "
+        "| KL (bits/token) | top-1 agree | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("float"):
         lines.append(
-            f"| float (fp32) | 32 | – | – | {results['float']['ppl']:.3f} | 0 | 100% | – |"
+            f"| float (fp32) | 32 | – | 32 | – | {results['float']['ppl']:.3f} | 0 | 100% | – |"
         )
     for p in points:
+        memory = p.get("bits_in_memory")  # absent in points measured before it was recorded
         lines.append(
-            f"| {p['method']} | {p['bits_target']:g} | {p['achieved_bits']:.4f} | "
+            f"| {method_label(p['method'], p['bits_target'], p.get('group_size'))} | "
+            f"{p['bits_target']:g} | {p['achieved_bits']:.4f} | "
+            f"{'–' if memory is None else f'{memory:.3f}'} | "
             f"{p['bits_on_disk']:.3f} | {p['ppl']:.3f} | {p['kl_bits']:.4f} | "
             f"{100 * p['top1_agreement']:.1f}% | {p['quantize_seconds']:.0f} |"
         )
@@ -201,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eval-max-tokens", type=int, default=4096, help="tokens evaluated (default 4096)"
     )
-    p.add_argument("--methods", default="watersic,gptq,rtn")
+    p.add_argument("--methods", default="watersic,gptq,gptq_entropy,rtn")
+    p.add_argument("--gptq-group-size", type=int, default=128,
+                   help="columns per scale of standard GPTQ (0: per-channel; default 128)")
     p.add_argument("--bits", default="2,2.5,3,4")
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)
@@ -258,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                     "seqlen": seqlen,
                     "eval_text": text_name,
                 }
+                if method == "gptq":
+                    if not bits.is_integer() or not 2 <= bits <= 8:
+                        print(f"gptq: skipping --bits {bits:g} (standard GPTQ needs a whole "
+                              "number of bits in [2, 8])", flush=True)
+                        continue
+                    base["group_size"] = args.gptq_group_size
                 if _key(base) in done:
                     continue
                 point = {
@@ -273,10 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                         seqlen,
                         args.device,
                         eval_kw,
+                        args.gptq_group_size,
                     ),
                 }
                 print(
-                    f"{method:9s} target {bits:g}: rate {point['achieved_bits']:.4f}, "
+                    f"{method_label(method, bits, base.get('group_size')):20s} target {bits:g}: "
+                    f"rate {point['achieved_bits']:.4f}, memory {point['bits_in_memory']:.3f}, "
                     f"disk {point['bits_on_disk']:.3f}, ppl {point['ppl']:.3f}, "
                     f"KL {point['kl_bits']:.4f} bits, {point['quantize_seconds']:.0f} s",
                     flush=True,

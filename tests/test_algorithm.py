@@ -13,7 +13,7 @@ from watersic_hf.algorithm import (
     QuantizedWeight,
     column_entropies,
     find_dead_columns,
-    gptq_quantize,
+    gptq_entropy_quantize,
     pooled_entropy,
     rtn_quantize,
     watersic_quantize,
@@ -132,7 +132,7 @@ def test_c2_plain_equals_general_target():
     assert float((plain - general).abs().max()) <= 1e-13 * float(plain.abs().max())
 
 
-@pytest.mark.parametrize("method", [watersic_quantize, gptq_quantize])
+@pytest.mark.parametrize("method", [watersic_quantize, gptq_entropy_quantize])
 def test_c2_identical_codes_through_public_api(method):
     a, n = 256, 64
     sigma = rotated_sigma(n, 2.0, 7).float()
@@ -212,7 +212,7 @@ def test_all_methods_hit_the_rate(bits):
     sigma = rotated_sigma(n, 2.0, 15)
     w = gaussian(a, n, 16).float()
     errs = {}
-    for method in (watersic_quantize, gptq_quantize, rtn_quantize):
+    for method in (watersic_quantize, gptq_entropy_quantize, rtn_quantize):
         q = method(w, sigma, bits)
         assert isinstance(q, QuantizedWeight)
         assert q.codes.dtype == torch.int32 and q.codes.shape == (a, n)
@@ -222,14 +222,14 @@ def test_all_methods_hit_the_rate(bits):
         errs[q.method] = float(((e @ sigma) * e).sum() / ((w.double() @ sigma) * w.double()).sum())
     assert errs["watersic"] < errs["rtn"]
     if bits >= 2:
-        assert errs["watersic"] < errs["gptq"] < errs["rtn"]
+        assert errs["watersic"] < errs["gptq_entropy"] < errs["rtn"]
 
 
 def test_gptq_and_rtn_structure():
     a, n = 200, 48
     sigma = rotated_sigma(n, 2.0, 17)
     w = gaussian(a, n, 18)
-    g = gptq_quantize(w, sigma, 3.0)
+    g = gptq_entropy_quantize(w, sigma, 3.0)
     assert torch.all(g.row_scale == 1.0)
     assert torch.all(g.col_scale == g.col_scale[0])  # one common step Δ (no LMMSE by default)
     assert float(g.col_scale[0]) == pytest.approx(g.step, rel=1e-3)
@@ -275,8 +275,8 @@ def test_determinism_and_inputs_untouched():
 def test_accepts_nn_linear_parameter():
     lin = torch.nn.Linear(40, 24)  # weight is a Parameter with requires_grad=True
     sigma = rotated_sigma(40, 1.0, 28).float()
-    for q in (watersic_quantize(lin.weight, sigma, 3.0), gptq_quantize(lin.weight, sigma, 3.0),
-              rtn_quantize(lin.weight, bits=3.0)):
+    for q in (watersic_quantize(lin.weight, sigma, 3.0),
+              gptq_entropy_quantize(lin.weight, sigma, 3.0), rtn_quantize(lin.weight, bits=3.0)):
         for t in (q.codes, q.col_scale, q.row_scale):
             assert not t.requires_grad
         moved = q.to("cpu")
@@ -371,9 +371,9 @@ def test_bad_input_watersic(args, kwargs, exc, match):
 def test_bad_input_baselines():
     w, s = torch.randn(16, 8), torch.eye(8)
     with pytest.raises(ValueError, match="bits"):
-        gptq_quantize(w, s, 0.01)
+        gptq_entropy_quantize(w, s, 0.01)
     with pytest.raises(ValueError, match="sigma_x"):
-        gptq_quantize(w, torch.eye(4))
+        gptq_entropy_quantize(w, torch.eye(4))
     with pytest.raises(ValueError, match="bits"):
         rtn_quantize(w, bits=20)
     with pytest.raises(ValueError, match="weight"):
@@ -407,5 +407,5 @@ def test_cuda_matches_cpu():
     assert abs(gpu.rate_bits - cpu.rate_bits) < 0.02
     agree = float((gpu.codes.cpu() == cpu.codes).double().mean())
     assert agree > 0.99
-    for q in (gptq_quantize(w.cuda(), sigma.cuda(), 3.0), rtn_quantize(w.cuda(), bits=3.0)):
+    for q in (gptq_entropy_quantize(w.cuda(), sigma.cuda(), 3.0), rtn_quantize(w.cuda(), bits=3.0)):
         assert q.codes.is_cuda and q.rate_bits == pytest.approx(3.0, abs=0.03)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from watersic_hf.algorithm import (
-    gptq_quantize,
+    gptq_entropy_quantize,
     mean_column_entropy,
     reverse_waterfilling_distortion,
     reverse_waterfilling_rate,
@@ -137,7 +137,7 @@ def test_c5_basis_freeness_and_gptq_formula():
         ell = torch.linalg.cholesky(sigma).diagonal() ** 2
         am_gm = float(ell.mean()) / geometric_mean(ell)
         delta = 0.02 / geometric_mean(ell.sqrt())  # same mean rate as WaterSIC
-        g = gptq_quantize(w, sigma, step=delta, lmmse=False, damp=0.0)
+        g = gptq_entropy_quantize(w, sigma, step=delta, lmmse=False, damp=0.0)
         d = wmse(w, g, sigma)
         norm = d * 2 ** (2 * g.entropy_bits(per_column=True)) / (K * det_root)
         assert norm == pytest.approx(am_gm, rel=0.05)
@@ -176,14 +176,14 @@ def test_c6_margin_over_gptq(rotate):
     gm_l = geometric_mean(ell.sqrt())
     cs = [0.12 * 2 ** (-k / 2) for k in range(5)]  # H_col ≈ 2.6 … 4.6
     h_w, d_w = _curve(lambda *a, **k: watersic_quantize(*a, rescale=False, **k), w, sigma, cs, True)
-    h_g, d_g = _curve(gptq_quantize, w, sigma, [c / gm_l for c in cs], True)
+    h_g, d_g = _curve(gptq_entropy_quantize, w, sigma, [c / gm_l for c in cs], True)
     for h in (3.0, 4.0):
         margin = 10 * math.log10(2) * (_interp(h, h_g, d_g) - _interp(h, h_w, d_w))
         assert margin == pytest.approx(predicted, abs=0.3), (h, margin, predicted)
     # Pooled accounting (paper): WaterSIC's margin shrinks; loose regression values (±0.5 dB).
     h_wp, d_wp = _curve(lambda *a, **k: watersic_quantize(*a, rescale=False, **k), w, sigma, cs,
                         False)
-    h_gp, d_gp = _curve(gptq_quantize, w, sigma, [c / gm_l for c in cs], False)
+    h_gp, d_gp = _curve(gptq_entropy_quantize, w, sigma, [c / gm_l for c in cs], False)
     pooled = 10 * math.log10(2) * (_interp(4.0, h_gp, d_gp) - _interp(4.0, h_wp, d_wp))
     assert pooled == pytest.approx(0.48 if rotate else 3.16, abs=0.5)
     assert pooled < predicted

@@ -142,7 +142,8 @@ def test_rate_controller_hits_global_target_and_passes_savings_on():
 def test_rate_control_end_to_end_and_streaming():
     model = make_tiny_model("llama")
     data = _random_ids(4, 16, seed=5)
-    cfg = watersic_hf.WaterSICConfig(bits=2.5, dataset=data, seqlen=16, method="gptq", device="cpu")
+    cfg = watersic_hf.WaterSICConfig(bits=2.5, dataset=data, seqlen=16, method="gptq_entropy",
+                                     device="cpu")
     res = calib.calibrate_model(model, cfg, modules_to_not_convert=["lm_head"])
     assert abs(res.achieved_bits - 2.5) < 0.01
     rates = [r.bits for r in res.reports]

@@ -39,7 +39,7 @@ def test_defaults_and_effective_damp():
 def test_round_trip_is_plain_json_with_runtime_objects_attached():
     tok = make_local_tokenizer()
     cfg = WaterSICConfig(bits=2.5, dataset=["a text", "another"], tokenizer=tok, nsamples=4,
-                         seqlen=16, modules_to_not_convert=["mlp.down_proj"], method="gptq",
+                         seqlen=16, modules_to_not_convert=["mlp.down_proj"], method="gptq_entropy",
                          attn_eps=0.1, storage="packed", backend="torch")
     d = cfg.to_dict()
     text = json.dumps(d)  # must not raise: no tokenizer / dataset objects

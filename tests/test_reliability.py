@@ -206,7 +206,7 @@ def _bad_algorithm_input(case: str):
         ("bits_high", ValueError, ("bits", "40")),
     ],
 )
-@pytest.mark.parametrize("method", ["watersic", "gptq"])
+@pytest.mark.parametrize("method", ["watersic", "gptq_entropy"])
 def test_algorithm_rejects_bad_input(method, case, exc, fragments):
     quantize = getattr(watersic_hf.algorithm, f"{method}_quantize")
     weight, sigma, bits = _bad_algorithm_input(case)

@@ -328,7 +328,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         "(default: a temporary folder next to --out, deleted at the end); safetensors weights "
         "are read in place",
     )
-    p.add_argument("--method", choices=("watersic", "gptq", "rtn"), default="watersic")
+    p.add_argument("--method", choices=("watersic", "gptq", "gptq_entropy", "rtn"),
+                   default="watersic")
     p.add_argument(
         "--storage",
         choices=("entropy", "packed"),

@@ -34,12 +34,14 @@ FORMAT_VERSION = 2
 """Version of the checkpoint layout described by ``layers``; bumped on incompatible changes."""
 
 QUANT_METHOD = "watersic"
-METHODS = ("watersic", "gptq", "rtn")
+METHODS = ("watersic", "gptq", "gptq_entropy", "rtn")
 STORAGES = ("entropy", "packed")
 MIN_BITS, MAX_BITS = 0.25, 16.0
 # WaterSIC's damping is automatic by default (WaterSICConfig.auto_damp); its entry here is only
 # the fallback when no calibration batch can be held out.
-DEFAULT_DAMP = {"watersic": 0.01, "gptq": 0.01, "rtn": 0.0}
+DEFAULT_DAMP = {"watersic": 0.01, "gptq": 0.01, "gptq_entropy": 0.01, "rtn": 0.0}
+GPTQ_BITS = (2, 8)
+"""Whole-number code widths standard GPTQ (``method="gptq"``) accepts."""
 
 # Fields that hold live Python objects during calibration and never reach config.json as such.
 _RUNTIME_FIELDS = ("dataset", "tokenizer")
@@ -152,8 +154,30 @@ class WaterSICConfig(QuantizationConfigMixin):
             Extra module names (prefix, suffix or regex, as transformers matches them) to keep in
             float. Tied embeddings and ``lm_head`` are always kept.
         method (`str`, *optional*, defaults to `"watersic"`):
-            ``"watersic"``, or one of the baselines ``"gptq"`` / ``"rtn"`` run through the same
-            pipeline and the same rate accounting (pooled entropy) so that rates are comparable.
+            ``"watersic"``, or a baseline run through the same pipeline:
+
+            * ``"gptq"``: standard GPTQ as AutoGPTQ / GPTQModel ship it (``sym=True``): ``bits``-bit
+              signed codes (``bits`` a whole number in [2, 8]) on a fixed grid, one fp16 scale per
+              ``gptq_group_size`` input columns and row, optional act-order. Its rate is fixed
+              (``bits`` per code plus 16 bits per stored scale); the rate controller's per-layer
+              targets are ignored and that fixed rate is what it is charged, so
+              ``achieved_bits`` is above ``bits`` by the scale overhead (about 0.13 at g128).
+              Grouped layers run a plain-torch forward (no fused kernels) and are not served by
+              the vLLM plugin; per-channel layers (``gptq_group_size=0``) keep the fused kernels.
+            * ``"gptq_entropy"``: entropy-coded single-step GPTQ (one common step, no grid, no
+              clipping) with the same rate accounting as WaterSIC (pooled entropy), so that rates
+              are directly comparable. Checkpoints written before the rename say ``"gptq"``:
+              ``method`` is informational when a checkpoint loads, so they load unchanged.
+            * ``"rtn"``: entropy-coded round-to-nearest with a per-row step.
+        gptq_group_size (`int`, *optional*, defaults to 128):
+            Input columns per scale for ``method="gptq"``; ``0`` or ``-1`` for one scale per
+            output channel (a group size of at least the layer's in-features is per-channel too).
+            Ignored by the other methods.
+        gptq_act_order (`bool`, *optional*, defaults to `False`):
+            ``desc_act`` for ``method="gptq"``: quantize the columns in order of decreasing input
+            second moment. Group scales then come from the original weights before the loop
+            (AutoGPTQ's ``static_groups``), so column ``j`` keeps group ``j // gptq_group_size``
+            and dequantization needs no ``g_idx``. Ignored by the other methods.
         damp (`float`, *optional*):
             Relative damping of the second-moment matrix (fraction of its mean diagonal). ``None``
             (the default) means **automatic damping** for WaterSIC: a share ``holdout_fraction``
@@ -162,7 +186,7 @@ class WaterSICConfig(QuantizationConfigMixin):
             the smallest output error on the held-out windows; the group is then quantized from
             all windows. The held-out error of each layer is written to ``config.json``
             (``layers[name]["heldout_rel_err"]``, next to the in-sample ``rel_err`` and the
-            chosen ``damp``). A given value turns this off and is used everywhere. For GPTQ
+            chosen ``damp``). A given value turns this off and is used everywhere. For both GPTQs
             ``None`` means 0.01 (the textbook value); RTN has no damping.
         holdout_fraction (`float`, *optional*, defaults to 0.25):
             Share of the calibration batches held out by automatic damping (evenly spread; at
@@ -253,6 +277,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         seqlen: int | None = None,
         modules_to_not_convert: list[str] | None = None,
         method: str = "watersic",
+        gptq_group_size: int = 128,
+        gptq_act_order: bool = False,
         damp: float | None = None,
         holdout_fraction: float = 0.25,
         lmmse: bool = True,
@@ -295,6 +321,8 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.seqlen = seqlen
         self.modules_to_not_convert = modules_to_not_convert
         self.method = method
+        self.gptq_group_size = gptq_group_size
+        self.gptq_act_order = gptq_act_order
         self.damp = damp
         self.holdout_fraction = holdout_fraction
         self.lmmse = lmmse
@@ -377,6 +405,22 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.bits = _check_float("bits", self.bits, MIN_BITS, MAX_BITS)
         if self.method not in METHODS:
             raise ValueError(f"WaterSICConfig.method must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.gptq_group_size, bool) or not isinstance(self.gptq_group_size, int) \
+                or self.gptq_group_size < -1:
+            raise ValueError(
+                f"WaterSICConfig.gptq_group_size must be a positive int (e.g. 128) or 0 / -1 for "
+                f"per-channel scales, got {self.gptq_group_size!r}")
+        _check_bool("gptq_act_order", self.gptq_act_order)
+        # A saved checkpoint (layers filled in) is never re-quantized: its method and bits are
+        # informational, and checkpoints from before the "gptq" -> "gptq_entropy" rename say
+        # method="gptq" with fractional bits. Only a config that will quantize is checked.
+        if self.method == "gptq" and not self.layers:
+            low, high = GPTQ_BITS
+            if not float(self.bits).is_integer() or not low <= self.bits <= high:
+                raise ValueError(
+                    f"WaterSICConfig.bits={self.bits:g} with method='gptq': standard GPTQ uses a "
+                    f"fixed-width integer grid and needs a whole number of bits in [{low}, "
+                    f"{high}]; pass e.g. bits=4, or method='gptq_entropy' for fractional rates")
         if self.storage not in STORAGES:
             raise ValueError(
                 f"WaterSICConfig.storage must be one of {STORAGES}, got {self.storage!r}"

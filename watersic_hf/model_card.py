@@ -210,7 +210,8 @@ def render_model_card(
     bits = s["bits"]
     title_bits = f"{bits:g}-bit" if isinstance(bits, (int, float)) else "quantized"
     name = (repo_id or model_path or "model").rstrip("/").split("/")[-1]
-    method_name = {"watersic": "WaterSIC", "gptq": "GPTQ", "rtn": "RTN"}.get(
+    method_name = {"watersic": "WaterSIC", "gptq": "GPTQ",
+                   "gptq_entropy": "entropy-coded GPTQ", "rtn": "RTN"}.get(
         s["method"], str(s["method"])
     )
 

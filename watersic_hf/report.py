@@ -40,7 +40,7 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
           as the algorithm counts it, scaled to all weights of the layer;
         * ``entropy_bits_per_column``: mean per-column plug-in entropy of the codes;
         * ``bits_on_disk``: entropy storage: (stream + model bytes + the stored packing layout,
-          i.e. permutation and group table, + 2 bytes per row scale + 2 per column scale) × 8 ÷
+          i.e. permutation and group table, + 2 bytes per row, column and group scale) × 8 ÷
           weights; packed storage: bytes of the packed code tensors and
           the scales × 8 ÷ weights. The bias is excluded in both cases;
         * ``bits_in_memory``: ``WaterSICLinear.bits_in_memory`` (packed tensors + scales);
@@ -71,7 +71,9 @@ def report(model: nn.Module, *, storage: str | None = None) -> dict[str, Any]:
         weights = n_in * n_out
         pooled, per_col, n_live = code_statistics(module, int(meta.get("dead_columns", 0) or 0))
         entropy = pooled * n_live / n_in
-        scale_bytes = 2 * (n_in + n_out)
+        # row and column scales, plus the group scales of a grouped (standard GPTQ) layer
+        group = getattr(module, "weight_group_scale", None)
+        scale_bytes = 2 * (n_in + n_out) + (0 if group is None else 2 * group.numel())
         if default_storage == "entropy":
             ent = meta.get("entropy") if meta.get("storage") == "entropy" else None
             if isinstance(ent, dict) and "stream_nbytes" in ent:

@@ -33,7 +33,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "llama_drift_only": ("llama", {"residual_compensation": False, "attention_weighted": False}),
     "llama_no_drift": ("llama", {"drift": False}),
     "llama_adaptive": ("llama", {"adaptive_eps": True, "adaptive_eps_steps": 1}),
-    "llama_gptq": ("llama", {"method": "gptq"}),
+    "llama_gptq": ("llama", {"method": "gptq_entropy"}),
     "llama_rtn": ("llama", {"method": "rtn"}),
     "gemma2_default": ("gemma2", {}),
     "qwen3_default": ("qwen3", {}),

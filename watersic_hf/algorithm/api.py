@@ -1,5 +1,7 @@
 """Public single-layer quantizers: WaterSIC, entropy-coded GPTQ, and round-to-nearest.
 
+(Standard fixed-grid GPTQ is in :mod:`.gptq`.)
+
 All three share the dead-feature rule, the rate accounting and the pooled-entropy rate search,
 so that their rates are directly comparable.
 """
@@ -131,7 +133,7 @@ def prepare_statistics(
 ) -> PreparedStatistics:
     """Validate, reduce to live features and factor a group's statistics once.
 
-    Pass the result as ``prepared=`` to :func:`watersic_quantize` / :func:`gptq_quantize`
+    Pass the result as ``prepared=`` to :func:`watersic_quantize` / :func:`gptq_entropy_quantize`
     together with the same ``sigma_*`` tensors; the codes are identical to calling them without
     it.
 
@@ -223,7 +225,7 @@ def _sic_quantize(
     search_fraction: float,
     prepared: PreparedStatistics | None = None,
 ) -> QuantizedWeight:
-    """Shared body of :func:`watersic_quantize` and :func:`gptq_quantize` (``method``)."""
+    """Shared body of :func:`watersic_quantize` and :func:`gptq_entropy_quantize` (``method``)."""
     weight = V.check_weight(weight)
     bits = V.check_bits(bits)
     target = V.check_target(target)
@@ -429,7 +431,7 @@ def watersic_quantize(
 
 
 @torch.no_grad()
-def gptq_quantize(
+def gptq_entropy_quantize(
     weight: torch.Tensor,
     sigma_x: torch.Tensor,
     bits: float = 3.0,
@@ -447,7 +449,8 @@ def gptq_quantize(
     search_fraction: float = SEARCH_FRACTION,
     prepared: PreparedStatistics | None = None,
 ) -> QuantizedWeight:
-    """Entropy-coded GPTQ without clipping: one common step ``Δ`` for all columns.
+    """Entropy-coded GPTQ without clipping: one common step ``Δ`` for all columns
+    (``method="gptq_entropy"``; standard fixed-grid GPTQ is :func:`.gptq.gptq_quantize`).
 
     The same machinery as :func:`watersic_quantize` (dead features, damping, SIC error feedback,
     rate search on the pooled entropy, rate accounting) with ``α_j ≡ Δ``, i.e. GPTQ's error
@@ -467,10 +470,10 @@ def gptq_quantize(
         block_size, search_fraction, prepared: as in :func:`watersic_quantize`.
 
     Returns:
-        [`QuantizedWeight`] with ``method="gptq"`` and ``step = Δ``.
+        [`QuantizedWeight`] with ``method="gptq_entropy"`` and ``step = Δ``.
     """
     return _sic_quantize(
-        "gptq", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
+        "gptq_entropy", weight, sigma_x, bits, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
         sigma_residual=sigma_residual, step=step, damp=damp, lmmse=lmmse, rescale=False,
         dead_threshold=dead_threshold, seed=seed, target=target, block_size=block_size,
         search_fraction=search_fraction, prepared=prepared)

@@ -12,6 +12,11 @@ Formats (``layout["format"]``):
 * ``"packed"``: the bit-packed in-memory format of ``watersic_hf.packing`` (per-column-group
   widths, column permutation, escapes), read by the fused Triton kernels on CUDA and the numba
   kernels on CPU.
+
+Either format may add per-group scales (standard GPTQ): ``layout["scale_group_size"] = g`` and a
+``weight_group_scale`` (fp16, ``(out, ceil(in / g))``) with ``Ŵ[r, j] = row_scale[r] ·
+col_scale[j] · group_scale[r, j // g] · codes[r, j]``; such layers use a plain-torch forward
+(see ``_grouped.py``), not the fused kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ import torch
 from torch import nn
 
 from .. import ops, packing
+from ._grouped import (
+    GROUP_KEY,
+    GROUP_TENSOR,
+    expand_group_scale,
+    group_scale_shape,
+    group_size_of,
+    grouped_matmul,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +83,8 @@ class WaterSICLinear(nn.Module):
     * ``weight_codes`` (`(out, in)`, int32): integer codes.
     * ``weight_col_scale`` (`(in,)`, float16): per-input-column scale.
     * ``weight_row_scale`` (`(out,)`, float16): per-output-row scale.
+    * ``weight_group_scale`` (`(out, ceil(in / g))`, float16), only when
+      ``layout["scale_group_size"] = g`` is set (both formats).
     * ``bias`` (`(out,)`, ``dtype``), when ``bias=True``.
     """
 
@@ -107,6 +122,11 @@ class WaterSICLinear(nn.Module):
             specs["weight_row_scale"] = ((self.out_features,), torch.float16)
         else:
             specs = packing.param_specs(self.in_features, self.out_features, self._layout)
+        self._group_size = group_size_of(self._layout)
+        if self._group_size:
+            specs[GROUP_TENSOR] = (
+                group_scale_shape(self.in_features, self.out_features, self._group_size),
+                torch.float16)
         for name, (shape, dt) in specs.items():
             self.register_parameter(name, _frozen(torch.zeros(shape, dtype=dt, device=device)))
         if bias:
@@ -140,6 +160,8 @@ class WaterSICLinear(nn.Module):
             format (`str`, *optional*, defaults to ``"packed"``): ``"packed"`` or ``"plain"``.
             backend (`str`, *optional*, defaults to ``"auto"``): see the class docstring.
             group_size (`int`, *optional*, defaults to 32): columns per width group (packed).
+                Group SCALES come from ``qw.group_scale`` / ``qw.group_size`` when ``qw`` has them
+                (standard GPTQ); they go to ``weight_group_scale``.
 
         Returns:
             `WaterSICLinear` on the device of ``qw.codes``.
@@ -164,6 +186,18 @@ class WaterSICLinear(nn.Module):
             raise ValueError("qw.codes has non-zero codes in columns listed in qw.dead_columns.")
         _check_fp16_exact("qw.col_scale", col_scale)
         _check_fp16_exact("qw.row_scale", row_scale)
+        group_scale = getattr(qw, "group_scale", None)
+        scale_group = 0
+        if group_scale is not None:
+            scale_group = int(getattr(qw, "group_size", 0) or 0)
+            want = (group_scale_shape(in_features, out_features, scale_group)
+                    if scale_group >= 1 else None)
+            if want is None or tuple(group_scale.shape) != want:
+                raise ValueError(
+                    f"qw.group_scale has shape {tuple(group_scale.shape)} with qw.group_size="
+                    f"{scale_group}; codes {tuple(codes.shape)} need group_size >= 1 and shape "
+                    f"{want or '(out, ceil(in / group_size))'}.")
+            _check_fp16_exact("qw.group_scale", group_scale)
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},).")
         device = codes.device
@@ -176,6 +210,8 @@ class WaterSICLinear(nn.Module):
             layout, tensors = packed.layout, packed.tensors
         else:
             raise ValueError(f"format={format!r} is not supported; use 'packed' or 'plain'.")
+        if scale_group:
+            layout[GROUP_KEY] = scale_group
         module = cls(
             in_features, out_features, bias is not None, layout, dtype=dtype, device=device,
             backend=backend,
@@ -185,6 +221,8 @@ class WaterSICLinear(nn.Module):
                 getattr(module, name).copy_(value)
             module.weight_col_scale.copy_(col_scale.to(torch.float16))
             module.weight_row_scale.copy_(row_scale.to(torch.float16))
+            if scale_group:
+                module.weight_group_scale.copy_(group_scale.to(torch.float16))
             if bias is not None:
                 module.bias.copy_(bias.to(dtype))
         return module
@@ -247,7 +285,8 @@ class WaterSICLinear(nn.Module):
         # model.to(torch.bfloat16) / .half() cast every float parameter; the scales are a
         # storage format (fp16-exact values), so they follow device moves but keep their dtype
         # instead of being rounded to bf16
-        old = {name: getattr(self, name).data for name in _SCALE_NAMES}
+        names = (*_SCALE_NAMES, GROUP_TENSOR) if self._group_size else _SCALE_NAMES
+        old = {name: getattr(self, name).data for name in names}
         super()._apply(fn, recurse)
         self._weight_view = fn(self._weight_view)
         for name, data in old.items():
@@ -310,10 +349,13 @@ class WaterSICLinear(nn.Module):
 
         Returns:
             `nn.Linear` whose weight is ``row_scale[:, None] · codes · col_scale[None, :]``
-            (computed in fp32, then cast).
+            (times the expanded group scales of a grouped layer; computed in fp32, then cast).
         """
         codes = self.codes().float()
         weight = codes * self.weight_row_scale.float()[:, None] * self.weight_col_scale.float()
+        if self._group_size:
+            weight = weight * expand_group_scale(self.weight_group_scale, self._group_size,
+                                                 self.in_features)
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
             device=codes.device,
@@ -341,6 +383,11 @@ class WaterSICLinear(nn.Module):
         # parameters straight from _parameters: nn.Module.__getattr__ costs ~1 µs per name, and
         # a decode step of a small model calls hundreds of layers
         params = self._parameters
+        if self._group_size:
+            codes = params["weight_codes"] if self.format == "plain" else self.codes()
+            return grouped_matmul(
+                x, codes, params["weight_col_scale"], params["weight_row_scale"],
+                params[GROUP_TENSOR], self._group_size, params["bias"])
         if self._layout["format"] == "plain":
             return ops.torch_plain_matmul(
                 x, params["weight_codes"], params["weight_col_scale"],
@@ -355,6 +402,7 @@ class WaterSICLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format}, backend={self._backend}"
+            + (f", scale_group_size={self._group_size}" if self._group_size else "")
         )
 
 

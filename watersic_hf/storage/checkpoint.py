@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import packing
+from ..nn._grouped import GROUP_TENSOR, group_scale_shape, group_size_of
 from .checksum import ALGORITHM, digest_tensor, verify_safetensors_files
 from .codec import (
     EncodedCodes,
@@ -291,6 +292,10 @@ class WaterSICCheckpointLinear(nn.Module):
                 specs[pname] = packed[pname]
         specs["weight_col_scale"] = ((n_in,), torch.float16)
         specs["weight_row_scale"] = ((n_out,), torch.float16)
+        group = group_size_of(layout)
+        if group:
+            # per-group scales (standard GPTQ), stored as they are in memory in both storages
+            specs[GROUP_TENSOR] = (group_scale_shape(n_in, n_out, group), torch.float16)
         return specs
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -410,6 +415,8 @@ def _materialize(name: str, module: WaterSICCheckpointLinear, backend: str) -> n
         validate_packed(tensors, layout, n_in, n_out, name=name)
     scales = {"weight_col_scale": module.weight_col_scale.detach(),
               "weight_row_scale": module.weight_row_scale.detach()}
+    if group_size_of(layout):
+        scales[GROUP_TENSOR] = getattr(module, GROUP_TENSOR).detach()
     return WaterSICLinear.from_tensors(
         n_in, n_out, layout, {**tensors, **scales}, bias, backend=backend, device=device)
 

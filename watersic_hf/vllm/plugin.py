@@ -46,7 +46,14 @@ from ..storage.checkpoint import (
     materialize_layer,
 )
 from ..storage.checksum import digest_tensor
-from .sharding import ShardPlan, column_parallel_plan, fused_linear, row_parallel_plan, shard_linear
+from .sharding import (
+    ShardPlan,
+    column_parallel_plan,
+    fused_linear,
+    refuse_grouped_layers,
+    row_parallel_plan,
+    shard_linear,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +119,9 @@ class WaterSICVllmConfig(QuantizationConfig):
         when transformers has already parsed it).
 
         Raises:
-            ValueError: the config is not a WaterSIC one, has no ``layers`` or a
-                ``format_version`` this watersic_hf cannot read.
+            ValueError: the config is not a WaterSIC one, has no ``layers``, has layers with
+                per-group scales (standard GPTQ, not served) or a ``format_version`` this
+                watersic_hf cannot read.
         """
         if hasattr(config, "to_dict"):
             config = config.to_dict()
@@ -126,6 +134,7 @@ class WaterSICVllmConfig(QuantizationConfig):
             raise ValueError(
                 "quantization_config has no 'layers'; this WaterSIC folder was not written by "
                 "watersic_hf's save_pretrained after quantization. Quantize and save it again.")
+        refuse_grouped_layers(layers)
         version = int(config.get("format_version") or 1)
         if version not in (1, CHECKPOINT_VERSION):
             raise ValueError(f"format_version={version} is not supported by this watersic_hf "

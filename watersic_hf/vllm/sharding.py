@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ __all__ = [
     "ShardPlan",
     "column_parallel_plan",
     "fused_linear",
+    "refuse_grouped_layers",
     "row_parallel_plan",
     "shard_linear",
 ]
@@ -197,3 +199,23 @@ def fused_linear(x: torch.Tensor, sources: list[WaterSICLinear] | nn.ModuleList,
 def _check_rank(tp_rank: int, tp_size: int) -> None:
     if tp_size < 1 or not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank={tp_rank} is not a rank of tensor_parallel_size={tp_size}.")
+
+
+def refuse_grouped_layers(layers: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose layers have per-group scales (standard GPTQ with groups).
+
+    Args:
+        layers (`dict`): ``quantization_config.layers``.
+
+    Raises:
+        ValueError: naming how many layers are grouped, one of them, and what to do instead.
+    """
+    grouped = sorted(name for name, meta in layers.items()
+                     if isinstance(meta, dict) and isinstance(meta.get("layout"), dict)
+                     and meta["layout"].get("scale_group_size"))
+    if grouped:
+        raise ValueError(
+            f"{len(grouped)} layer(s) of this checkpoint have per-group scales (standard GPTQ "
+            f"with gptq_group_size > 0, e.g. {grouped[0]}); the vLLM plugin runs only the fused "
+            "row/column-scale kernels. Serve it with transformers, or quantize again with "
+            "gptq_group_size=0 (per-channel) or another method.")

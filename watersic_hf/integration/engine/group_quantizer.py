@@ -133,7 +133,15 @@ class GroupQuantizer:
             )
         assert stats is not None
         if self.method == "gptq":
+            # Standard GPTQ has a fixed rate: the rate controller's target `bits` is ignored and
+            # the fixed rate (QuantizedWeight.rate_bits) is what it is charged.
             return algorithm.gptq_quantize(
+                weight, stats.sigma_x, int(cfg.bits), group_size=cfg.gptq_group_size,
+                act_order=cfg.gptq_act_order, damp=damp,
+                dead_threshold=cfg.dead_threshold, prepared=prepared,
+            )
+        if self.method == "gptq_entropy":
+            return algorithm.gptq_entropy_quantize(
                 weight, stats.sigma_x, bits, damp=damp, dead_threshold=cfg.dead_threshold,
                 seed=cfg.seed, target=target, prepared=prepared,
             )

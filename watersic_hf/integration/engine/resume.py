@@ -50,6 +50,8 @@ class StoredWeight:
     col_scale: torch.Tensor
     row_scale: torch.Tensor
     dead_columns: torch.Tensor
+    group_scale: torch.Tensor | None = None  # standard GPTQ: (out, ceil(in / group_size))
+    group_size: int = 0
 
 
 @dataclass
@@ -94,6 +96,14 @@ def _save_tensors(obj: dict[str, Any], path: pathlib.Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _group_fields(q: Any) -> dict[str, Any]:
+    """The group scales of a grouped weight (standard GPTQ), or nothing."""
+    group = getattr(q, "group_scale", None)
+    if group is None:
+        return {}
+    return {"group_scale": group.detach().cpu(), "group_size": int(q.group_size)}
 
 
 class BlockStore:
@@ -157,6 +167,7 @@ class BlockStore:
                     "col_scale": q.col_scale.detach().cpu(),
                     "row_scale": q.row_scale.detach().cpu(),
                     "dead_columns": q.dead_columns.detach().cpu(),
+                    **_group_fields(q),
                 }
                 for rel, q in quantized.items()
             },
