@@ -191,9 +191,8 @@ def test_c6_margin_over_gptq(rotate):
 
 # --- C7: the "arbitrarily large GPTQ gap" example --------------------------------------------
 
-#: Entropy-coded single-step GPTQ (one common step, SIC feedback). Another branch renames it to
-#: ``gptq_entropy_quantize``; this alias is the only line to change then.
-_gptq_entropy = gptq_quantize
+#: Entropy-coded single-step GPTQ (one common step, SIC feedback).
+_gptq_entropy = gptq_entropy_quantize
 
 
 @pytest.mark.parametrize(("eps", "a", "h"), [(1e-2, 50_000, 8.0), (1e-4, 200_000, 9.0)])

@@ -5,7 +5,9 @@ per quantized Linear, the SHA-256 of its int32 codes and of its float32 row/colu
 ``tests/test_engine.py::test_codes_match_reference`` recomputes them: a change to the calibration
 engine that alters any code, for any setting, fails it.
 
-The file was produced from commit aa2255d (the engine before issue 11). Rerun this only for a
+The file was produced from commit aa2255d (the engine before issue 11); ``llama_adaptive`` was
+re-pinned in issue 12, when the adaptive-eps search moved to held-out batches and trials without
+rescalers (a deliberate change of its results). Rerun this only for a
 deliberate change of the quantization results, and say so in the commit message::
 
     python tests/golden/make_calib_codes.py

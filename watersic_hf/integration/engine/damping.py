@@ -9,10 +9,10 @@ count, so it is chosen per group from data:
 
 1. a fixed, evenly spread share of the calibration windows (:func:`holdout_batches`) is held out;
    the group's statistics are accumulated twice, over the kept windows and over the held-out ones;
-2. for each candidate damping the group is quantized from the kept statistics (on a row subset
-   of each Linear, which is an unbiased sample of the output error because it is a sum over
-   rows) and scored by the held-out output error ``E‖W x − Ŵ x̂‖²`` computed from the held-out
-   second moments (:func:`output_error_parts`);
+2. for each candidate damping the group is quantized from the kept statistics (without
+   rescalers, on a row subset of each Linear, which is an unbiased sample of the output error
+   because it is a sum over rows) and scored by the held-out output error ``E‖W x − Ŵ x̂‖²``
+   computed from the held-out second moments (:func:`output_error_parts`);
 3. a coarse decade grid (1e-4 … 1) is refined once by half decades around its best point, and
    walks on by half decades while the best point is the edge of what was tried (1e-5 … 10);
 4. the group is then quantized for real from the statistics of ALL windows at the chosen damping,
@@ -141,8 +141,10 @@ def choose_damp(
             sub = rows[rel]
             n_live = n - prepared.n_dead
             sub_bits = min(MAX_BITS, h + 16.0 / n_live + 16.0 / sub.numel())
+            # Without rescalers: they cost more than the rounding itself, and they refine the
+            # scales of whatever damping is chosen rather than favour one.
             q = quantizer._quantize(w[sub], _row_stats(fit, sub), prepared, sub_bits, "live",
-                                    damp=key)
+                                    damp=key, rescale=False)
             rate.charge(q.rate_bits, a, n)  # what the whole layer would cost
             err, ref = output_error_parts(w[sub], q.dequantize().to(w.device), held)
             rels[rel] = err / max(ref, 1e-300)
