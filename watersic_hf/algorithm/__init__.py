@@ -10,6 +10,7 @@ from .api import (
     PreparedStatistics,
     gptq_entropy_quantize,
     prepare_statistics,
+    redamp,
     rtn_quantize,
     watersic_quantize,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "mean_column_entropy",
     "pooled_entropy",
     "prepare_statistics",
+    "redamp",
     "reverse_waterfilling_distortion",
     "reverse_waterfilling_rate",
     "rtn_quantize",

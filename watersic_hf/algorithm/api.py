@@ -8,6 +8,7 @@ so that their rates are directly comparable.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -183,6 +184,26 @@ def prepare_statistics(
         sources=(sigma_x, sigma_xhat, sigma_x_xhat), damp=damp, dead_threshold=dead_threshold,
         n=n, dead=dead, keep=keep, sx=sx, h=h, sxxh=sxxh, chol=chol, delta=delta,
         has_xhat=sigma_xhat is not None)
+
+
+def redamp(prepared: PreparedStatistics, damp: float) -> PreparedStatistics:
+    """The same prepared statistics at another relative damping: only the Cholesky factor is
+    recomputed (validation and dead-feature masking are reused), so a search over dampings
+    costs one factorisation per candidate.
+
+    Args:
+        prepared (`PreparedStatistics`): from :func:`prepare_statistics`.
+        damp (`float`): the new relative damping (>= 0).
+
+    Returns:
+        [`PreparedStatistics`] whose ``damp``, ``chol`` and ``delta`` are for ``damp``; the
+        quantizers accept it with the same ``sigma_*`` tensors and ``damp=damp``.
+    """
+    damp = V.check_positive("damp", damp, allow_zero=True)
+    if damp == prepared.damp:
+        return prepared
+    chol, delta = damped_cholesky(prepared.h, damp)
+    return dataclasses.replace(prepared, damp=damp, chol=chol, delta=delta)
 
 
 def _check_prepared(prepared: PreparedStatistics, sigma_x: torch.Tensor,

@@ -12,8 +12,8 @@ count, so it is chosen per group from data:
 2. for each candidate damping the group is quantized from the kept statistics (without
    rescalers, on a row subset of each Linear, which is an unbiased sample of the output error
    because it is a sum over rows) and scored by the held-out output error ``E‖W x − Ŵ x̂‖²``
-   computed from the held-out second moments (:func:`output_error_parts`);
-3. a coarse decade grid (1e-4 … 1) is refined once by half decades around its best point, and
+   computed from the held-out second moments (:func:`~.group_quantizer.output_error_parts`);
+3. a coarse decade grid (1e-3 … 1) is refined once by half decades around its best point, and
    walks on by half decades while the best point is the edge of what was tried (1e-5 … 10);
 4. the group is then quantized for real from the statistics of ALL windows at the chosen damping,
    so no calibration data is lost. The held-out error of the chosen trial is reported per Linear
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
+from ...algorithm import redamp
 from ...algorithm._validate import MAX_BITS
 from ...algorithm.search import entropy_target
 from .context import BlockContext, LayerStats
-from .group_quantizer import output_error_parts
 
 logger = logging.getLogger("watersic_hf.integration.calibrate")
 
@@ -40,7 +40,7 @@ __all__ = ["DAMP_GRID", "DampChoice", "choose_damp", "holdout_batches"]
 
 #: Coarse candidates (relative damping, fraction of the mean diagonal of ``Σ_X̂``); the best one
 #: is refined by a factor ``10**±0.5``.
-DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DAMP_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 #: Bounds of the refined candidates.
 DAMP_MIN, DAMP_MAX = 1e-5, 10.0
 #: Trials quantize this share of each Linear's rows ...
@@ -82,6 +82,39 @@ class DampChoice:
     trials: dict[float, float] = field(default_factory=dict)
 
 
+class _HeldOutScore:
+    """``E‖W x − Ŵ x̂‖²`` on held-out moments for many ``Ŵ`` of one weight (rows ``sub``).
+
+    With ``D = W − Ŵ`` the error is ``tr(D Σ_X̂ Dᵀ) + tr(W S_Δ Wᵀ) + 2⟨W S_×, D⟩`` where
+    ``S_Δ = E[(x − x̂)(x − x̂)ᵀ]`` and ``S_× = E[(x − x̂) x̂ᵀ]`` (see
+    :func:`~.group_quantizer.output_error_parts`); everything but the first term depends on
+    ``W`` only and is computed once, so a candidate costs one ``(rows, n) × (n, n)`` product.
+    """
+
+    def __init__(self, weight: torch.Tensor, held: LayerStats) -> None:
+        sx = held.sigma_x
+        self.dev = sx.device
+        self.dt = torch.float32 if self.dev.type == "cpu" else torch.float64
+        self.w = weight.to(self.dev, self.dt)
+        self.h = (held.sigma_xhat if held.sigma_xhat is not None else sx).to(self.dt)
+        self.ref = float(((self.w @ sx.to(self.dt)) * self.w).sum())
+        self.const = 0.0
+        self.w_cross = None
+        sxh, sxxh = held.sigma_xhat, held.sigma_x_xhat
+        if sxh is not None and sxxh is not None:
+            s_cross = sxxh - sxh
+            s_delta = sx - sxxh - s_cross.T
+            self.const = float(((self.w @ s_delta.to(self.dt)) * self.w).sum())
+            self.w_cross = self.w @ s_cross.to(self.dt)
+
+    def __call__(self, qweight: torch.Tensor) -> float:
+        d = self.w - qweight.to(self.dev, self.dt)
+        err = float(((d @ self.h) * d).sum()) + self.const
+        if self.w_cross is not None:
+            err += 2.0 * float((self.w_cross * d).sum())
+        return max(err, 0.0)
+
+
 def _trial_rows(a: int, seed: int, device: torch.device) -> torch.Tensor:
     k = min(a, max(TRIAL_MIN_ROWS, math.ceil(TRIAL_ROW_FRACTION * a)))
     gen = torch.Generator().manual_seed(int(seed) + 7919)
@@ -120,6 +153,9 @@ def choose_damp(
     weights = {rel: ctx.linears[rel].weight.detach() for rel in names}
     rows = {rel: _trial_rows(w.shape[0], quantizer.cfg.seed, w.device)
             for rel, w in weights.items()}
+    scores = {rel: _HeldOutScore(weights[rel][rows[rel]], held) for rel in names}
+    # Validated and masked once; each candidate only refactors (algorithm.redamp).
+    base = quantizer.prepare(fit, weights[names[0]], damp=DAMP_GRID[0])
     per_layer: dict[float, dict[str, float]] = {}
     trials: dict[float, float] = {}
 
@@ -128,7 +164,7 @@ def choose_damp(
         if key in trials:
             return trials[key]
         rate = quantizer.rate.trial()
-        prepared = quantizer.prepare(fit, weights[names[0]], damp=key)
+        prepared = redamp(base, key)
         err_sum = ref_sum = 0.0
         rels: dict[str, float] = {}
         for rel in names:
@@ -146,7 +182,7 @@ def choose_damp(
             q = quantizer._quantize(w[sub], _row_stats(fit, sub), prepared, sub_bits, "live",
                                     damp=key, rescale=False)
             rate.charge(q.rate_bits, a, n)  # what the whole layer would cost
-            err, ref = output_error_parts(w[sub], q.dequantize().to(w.device), held)
+            err, ref = scores[rel](q.dequantize()), scores[rel].ref
             rels[rel] = err / max(ref, 1e-300)
             err_sum += err
             ref_sum += ref
