@@ -78,7 +78,7 @@ def test_scarce_data_gets_more_damping_than_plenty():
 def test_chosen_damping_minimises_the_held_out_error_it_reports():
     choice, lin, fit, held, quantizer = _choice(tokens_fit=48)
     assert choice.trials[choice.damp] == min(choice.trials.values())
-    assert len(choice.trials) >= 6  # the decade grid plus its refinement
+    assert len(choice.trials) >= 5  # the decade grid plus its refinement
     # Quantizing the whole layer at the chosen damping beats the old fixed 1e-4 held out.
     w = lin.weight.detach()
 

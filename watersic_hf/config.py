@@ -214,12 +214,14 @@ class WaterSICConfig(QuantizationConfigMixin):
             Mixing weight of the unweighted statistics in the attention-weighted ones, in [0, 1].
         adaptive_eps (`bool`, *optional*, defaults to `False`):
             Choose the drift blend ε_q and the attention-weight blend ε_a per block by
-            golden-section search on the relative error of the attention output. Each evaluation
-            quantizes q, k and v completely and re-runs the attention of the block: about
-            ``2·adaptive_eps_steps + 9`` evaluations per block (29 with the default), i.e. roughly
-            30× the q/k/v quantization time plus 29 attention forwards over the calibration set.
-            Off by default.
-        adaptive_eps_steps (`int`, *optional*, defaults to 10):
+            golden-section search on the relative error of the attention output, measured on the
+            held-out calibration batches (``holdout_fraction``; all batches when none can be held
+            out). Each evaluation quantizes q, k and v without rescalers (the chosen point is then
+            quantized with them) and re-runs the attention of the block on the held-out batches:
+            at most ``2·adaptive_eps_steps + 9`` evaluations per block (19 with the default).
+            With automatic damping the damping is chosen first, at the fixed mix. Off by default
+            (see the ``ablation`` section of docs/benchmarks.md for what it gains).
+        adaptive_eps_steps (`int`, *optional*, defaults to 5):
             Golden-section steps for each of ε_q and ε_a when ``adaptive_eps`` is on.
         rate_control (`bool`, *optional*, defaults to `True`):
             Global rate control: each layer gets the bits left in the model budget divided by the
@@ -288,7 +290,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         attention_weighted: bool = True,
         attn_eps: float = 0.01,
         adaptive_eps: bool = False,
-        adaptive_eps_steps: int = 10,
+        adaptive_eps_steps: int = 5,
         rate_control: bool = True,
         dead_threshold: float = 1e-3,
         device: str | None = None,

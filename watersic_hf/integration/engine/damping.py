@@ -13,7 +13,7 @@ count, so it is chosen per group from data:
    rescalers, on a row subset of each Linear, which is an unbiased sample of the output error
    because it is a sum over rows) and scored by the held-out output error ``E‖W x − Ŵ x̂‖²``
    computed from the held-out second moments (:func:`~.group_quantizer.output_error_parts`);
-3. a coarse decade grid (1e-3 … 1) is refined once by half decades around its best point, and
+3. a coarse decade grid (0.01, 0.1, 1) is refined once by half decades around its best point, and
    walks on by half decades while the best point is the edge of what was tried (1e-5 … 10);
 4. the group is then quantized for real from the statistics of ALL windows at the chosen damping,
    so no calibration data is lost. The held-out error of the chosen trial is reported per Linear
@@ -40,13 +40,13 @@ __all__ = ["DAMP_GRID", "DampChoice", "choose_damp", "holdout_batches"]
 
 #: Coarse candidates (relative damping, fraction of the mean diagonal of ``Σ_X̂``); the best one
 #: is refined by a factor ``10**±0.5``.
-DAMP_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+DAMP_GRID = (1e-2, 1e-1, 1.0)
 #: Bounds of the refined candidates.
 DAMP_MIN, DAMP_MAX = 1e-5, 10.0
 #: Trials quantize this share of each Linear's rows ...
-TRIAL_ROW_FRACTION = 0.25
+TRIAL_ROW_FRACTION = 0.125
 #: ... but at least this many rows (or all of them).
-TRIAL_MIN_ROWS = 128
+TRIAL_MIN_ROWS = 64
 
 
 def holdout_batches(n_batches: int, fraction: float) -> list[int]:
