@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...algorithm import redamp
+from ...algorithm import redamp, watersic_quantize
 from ...algorithm._validate import MAX_BITS
 from ...algorithm.search import entropy_target
 from .context import BlockContext, LayerStats
@@ -158,6 +158,9 @@ def choose_damp(
     base = quantizer.prepare(fit, weights[names[0]], damp=DAMP_GRID[0])
     per_layer: dict[float, dict[str, float]] = {}
     trials: dict[float, float] = {}
+    # Per Linear: (step c, mean log L_jj) of the first candidate, whose rate was searched.
+    anchors: dict[str, tuple[float, float]] = {}
+    cfg = quantizer.cfg
 
     def evaluate(damp: float) -> float:
         key = float(f"{damp:.6g}")
@@ -165,6 +168,7 @@ def choose_damp(
             return trials[key]
         rate = quantizer.rate.trial()
         prepared = redamp(base, key)
+        log_l = float(prepared.chol.diagonal().log().mean())
         err_sum = ref_sum = 0.0
         rels: dict[str, float] = {}
         for rel in names:
@@ -177,12 +181,28 @@ def choose_damp(
             sub = rows[rel]
             n_live = n - prepared.n_dead
             sub_bits = min(MAX_BITS, h + 16.0 / n_live + 16.0 / sub.numel())
-            # Without rescalers: they cost more than the rounding itself, and they refine the
-            # scales of whatever damping is chosen rather than favour one.
-            q = quantizer._quantize(w[sub], _row_stats(fit, sub), prepared, sub_bits, "live",
-                                    damp=key, rescale=False)
+            # The first candidate searches the step for the rate; the others take the
+            # closed-form step scaled by the geometric mean of their Cholesky diagonal (the
+            # search's own starting point, algorithm.md 2.2 step 3) and one rounding pass, and
+            # their error is brought to the target rate with D ∝ 2^(−2H). Without rescalers:
+            # they cost more than the rounding itself, and they refine the scales of whatever
+            # damping is chosen rather than favour one.
+            step = None
+            if rel in anchors:
+                step = anchors[rel][0] * math.exp(log_l - anchors[rel][1])
+            sub_stats = _row_stats(fit, sub)
+            q = watersic_quantize(
+                w[sub], sub_stats.sigma_x, sub_bits, sigma_xhat=sub_stats.sigma_xhat,
+                sigma_x_xhat=sub_stats.sigma_x_xhat, sigma_residual=sub_stats.sigma_residual,
+                step=step, damp=key, lmmse=cfg.lmmse, rescale=False,
+                dead_threshold=cfg.dead_threshold, seed=cfg.seed, target="live",
+                prepared=prepared,
+            )
+            if rel not in anchors:
+                anchors[rel] = (q.step, log_l)
             rate.charge(q.rate_bits, a, n)  # what the whole layer would cost
-            err, ref = scores[rel](q.dequantize()), scores[rel].ref
+            err = scores[rel](q.dequantize()) * 2.0 ** (2.0 * (q.entropy_bits() - h))
+            ref = scores[rel].ref
             rels[rel] = err / max(ref, 1e-300)
             err_sum += err
             ref_sum += ref
