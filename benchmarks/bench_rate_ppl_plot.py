@@ -46,6 +46,7 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "rate_ppl.json"
 DEFAULT_PLOT = ROOT / "docs" / "rate_ppl.png"
 METHOD_STYLE = {
     "watersic": ("WaterSIC", "o-"),
+    "watersic_ft": ("WaterSIC-FT", "*-"),
     "gptq": ("GPTQ", "D-."),
     "gptq_entropy": ("GPTQ (entropy-coded)", "s--"),
     "rtn": ("RTN (entropy-coded)", "^:"),
@@ -101,6 +102,18 @@ def _key(point: dict[str, Any]) -> tuple:
     )
 
 
+def _error_fields(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean in-sample and held-out relative output error and the median damping (WaterSIC)."""
+    rel = [m["rel_err"] for m in layers.values() if m.get("rel_err") is not None]
+    held = [m["heldout_rel_err"] for m in layers.values() if m.get("heldout_rel_err") is not None]
+    damps = sorted(m["damp"] for m in layers.values() if m.get("damp") is not None)
+    return {
+        "rel_err_mean": sum(rel) / len(rel) if rel else None,
+        "heldout_rel_err_mean": sum(held) / len(held) if held else None,
+        "damp_median": damps[len(damps) // 2] if damps else None,
+    }
+
+
 def measure_point(
     model_dir: str,
     tokenizer: Any,
@@ -113,25 +126,54 @@ def measure_point(
     device: str,
     eval_kw: dict[str, Any],
     gptq_group_size: int = 128,
+    keep_dir: pathlib.Path | None = None,
+    finetune: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize ``model_dir`` once and measure rate, bits on disk, perplexity and KL."""
+    """Quantize ``model_dir`` once and measure rate, bits on disk, perplexity and KL.
+
+    ``method="watersic_ft"``: the WaterSIC checkpoint (``keep_dir/w{bits}`` when it exists, else
+    quantized now) is fine-tuned with :func:`watersic_hf.finetune_scales` on the calibration
+    windows, with ``reference`` as teacher (``finetune``: steps / lr overrides).
+    """
     from transformers import AutoModelForCausalLM
 
     from watersic_hf import WaterSICConfig
     from watersic_hf.evaluation import disk_bits, kl_divergence, perplexity
 
-    config = WaterSICConfig(
-        bits=bits,
-        method=method,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        device=device,
-        tokenizer=tokenizer,
-        gptq_group_size=gptq_group_size,
-    )
+    base_method = "watersic" if method == "watersic_ft" else method
+    kept = (keep_dir / f"w{bits:g}") if keep_dir is not None and base_method == "watersic" else None
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+    extra: dict[str, Any] = {}
+    if kept is not None and (kept / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32)
+        extra["checkpoint"] = str(kept)
+    else:
+        config = WaterSICConfig(
+            bits=bits,
+            method=base_method,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            device=device,
+            tokenizer=tokenizer,
+            gptq_group_size=gptq_group_size,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+        if kept is not None:  # written whole, then renamed into place
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=kept.parent))
+            model.save_pretrained(tmp_dir)
+            os.replace(tmp_dir, kept)
     seconds = time.perf_counter() - start
+    if method == "watersic_ft":
+        import watersic_hf
+        from watersic_hf.integration.data import calibration_windows
+
+        windows = calibration_windows(None, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0)
+        report = watersic_hf.finetune_scales(
+            model, windows, reference, watersic_hf.FinetuneSettings(**(finetune or {}))
+        )
+        extra["finetune"] = report.to_dict()
+        seconds += report.seconds
     qc = model.config.quantization_config
     with tempfile.TemporaryDirectory(prefix="bench-rate-ppl-") as tmp:
         model.save_pretrained(tmp)
@@ -150,6 +192,8 @@ def measure_point(
         "top1_agreement": kl["top1_agreement"],
         "quantize_seconds": seconds,
         "protocol": ppl["protocol"],
+        **_error_fields(qc.layers),
+        **extra,
     }
     del model
     gc.collect()
@@ -168,7 +212,8 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
     for method, (label, style) in METHOD_STYLE.items():
         mine = [p for p in results["points"] if p["method"] == method]
         for group in sorted({p.get("group_size") or 0 for p in mine}):
-            pts = sorted((p["achieved_bits"], p["ppl"], p["bits_target"]) for p in mine
+            # x: bits per weight held in memory (what a user's GPU holds), for every method.
+            pts = sorted((p["bits_in_memory"], p["ppl"], p["bits_target"]) for p in mine
                          if (p.get("group_size") or 0) == group)
             if method == "gptq":
                 widths = ",".join(f"{b:g}" for b in sorted({b for *_, b in pts}))
@@ -180,7 +225,7 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
     # Plain numbers on the log axis: the perplexity range of one model is narrow.
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    ax.set_xlabel("achieved rate (bits per weight: entropy of codes + scales; GPTQ: fixed)")
+    ax.set_xlabel("bits per weight in memory (codes, scales and layout; as loaded)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -238,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eval-max-tokens", type=int, default=4096, help="tokens evaluated (default 4096)"
     )
-    p.add_argument("--methods", default="watersic,gptq,gptq_entropy,rtn")
+    p.add_argument("--methods", default="watersic,watersic_ft,gptq,rtn")
+    p.add_argument("--keep-dir", type=pathlib.Path,
+                   help="save every WaterSIC checkpoint as DIR/w{bits} (and reuse it): "
+                   "watersic_ft fine-tunes those instead of calibrating again, and "
+                   "bench_finetune.py --checkpoint-dir DIR reads them")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="WaterSIC-FT steps (default: watersic_hf's, 2 epochs on the CPU)")
+    p.add_argument("--finetune-lr", type=float, default=None)
     p.add_argument("--gptq-group-size", type=int, default=128,
                    help="columns per scale of standard GPTQ (0: per-channel; default 128)")
     p.add_argument("--bits", default="2,2.5,3,4")
@@ -319,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                         args.device,
                         eval_kw,
                         args.gptq_group_size,
+                        args.keep_dir,
+                        {k: v for k, v in (("steps", args.finetune_steps),
+                                           ("lr", args.finetune_lr)) if v is not None},
                     ),
                 }
                 print(
