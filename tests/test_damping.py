@@ -194,3 +194,25 @@ def test_held_out_score_equals_the_output_error_formula():
         err, ref = output_error_parts(w, q, stats)
         assert score(q) == pytest.approx(err, rel=1e-4)
         assert score.ref == pytest.approx(ref, rel=1e-5)
+
+
+def test_cli_summary_reports_held_out_error_and_damping(capsys):
+    from watersic_hf.cli import _error_summary, _print_quantize_summary
+
+    layers = {
+        "a.q_proj": {"rel_err": 0.01, "heldout_rel_err": 0.02, "damp": 0.1},
+        "a.down_proj": {"rel_err": 0.03, "heldout_rel_err": 0.09, "damp": 1.0},
+    }
+    errs = _error_summary(layers)
+    assert errs["rel_err_mean"] == pytest.approx(0.02)
+    assert errs["heldout_rel_err_mean"] == pytest.approx(0.055)
+    assert errs["heldout_rel_err_worst"] == "a.down_proj" and errs["heldout_rel_err_max"] == 0.09
+    assert (errs["damp_min"], errs["damp_max"]) == (0.1, 1.0)
+    assert _error_summary({"x": {"rel_err": 0.5}}) == {"rel_err_mean": 0.5}  # fixed damping
+    summary = {"out": "o", "model": "m", "method": "watersic", "storage": "entropy",
+               "bits_target": 3.0, "nsamples": 4, "seqlen": 32, "dataset": "d", "device": "cpu",
+               "layers": 2, "quantize_seconds": 1.0, "total_seconds": 2.0, **errs}
+    _print_quantize_summary(summary)
+    out = capsys.readouterr().out
+    assert "0.055 mean on held-out windows, worst 0.09 (a.down_proj)" in out
+    assert "damping 0.1-1" in out
