@@ -10,15 +10,19 @@ happens, transformers does not know the method and refuses the checkpoint (size 
 
 from ._version import __version__
 from .config import FORMAT_VERSION, WaterSICConfig
+from .integration.finetune import FinetuneReport, FinetuneSettings, finetune_scales
 from .nn import WaterSICLinear
 from .quantizer import WaterSICHfQuantizer
 from .report import report
 
 __all__ = [
     "FORMAT_VERSION",
+    "FinetuneReport",
+    "FinetuneSettings",
     "WaterSICConfig",
     "WaterSICHfQuantizer",
     "WaterSICLinear",
     "__version__",
+    "finetune_scales",
     "report",
 ]
