@@ -537,6 +537,9 @@ def finetune_scales(
                 sched.step()
                 losses.append(step_loss)
                 seen += len(picks)
+                if len(losses) % max(1, steps // 10) == 0 or len(losses) == steps:
+                    logger.info("WaterSIC-FT step %d/%d: KL %.5f, lr %.3g", len(losses), steps,
+                                step_loss, opt.param_groups[0]["lr"])
         for s in states:
             s.write_back()
         kl_after = _mean_kl(model, rows, teacher_rows, settings.chunk_tokens)
