@@ -160,3 +160,25 @@ def test_finetune_errors(tiny):
         finetune_scales(tiny["plain"], torch.stack(_windows()), torch.zeros(2, 32, 64))
     with pytest.raises(ValueError, match="token-id"):
         finetune_scales(tiny["plain"], torch.zeros(2, 32), tiny["ref"])
+
+
+def test_cli_finetune(tiny, tmp_path, capsys):
+    import json
+
+    from watersic_hf.cli import build_quantize_parser, quantize_main
+
+    with pytest.raises(SystemExit):
+        build_quantize_parser().parse_args(["--out", "x", "--finetune-steps", "0"])
+    args = build_quantize_parser().parse_args(["--out", "x"])
+    assert (args.finetune, args.finetune_steps, args.finetune_lr) == (False, None, 5e-4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 40))
+    out = tmp_path / "out"
+    argv = [str(tiny["src"]), "--bits", "2", "--out", str(out), "--dataset", str(calib),
+            "--nsamples", "4", "--seqlen", "16", "--damp", "0.05", "--finetune",
+            "--finetune-steps", "2", "--finetune-lr", "1e-3", "--json"]
+    assert quantize_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["finetune"] is True and qc["finetune_steps"] == 2 and qc["finetune_lr"] == 1e-3
+    assert summary["finetune"] == qc["finetune_report"] and qc["finetune_report"]["steps"] == 2

@@ -321,7 +321,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--finetune-steps",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="with --finetune: optimiser steps (default: 10 epochs on CUDA, 2 on the CPU)",
     )
