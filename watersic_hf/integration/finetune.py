@@ -486,8 +486,6 @@ def finetune_scales(
                          "(WaterSICConfig) or load a saved WaterSIC checkpoint")
     rows = _as_windows(windows)
     teacher_rows = _teacher_rows(teacher, model, rows)
-    if isinstance(teacher, nn.Module):
-        teacher = None  # the float model is not needed any more (its hidden states are kept)
     home = next(model.parameters()).device
     device = torch.device(settings.device) if settings.device else home
     batch = min(settings.batch_size, len(rows))
