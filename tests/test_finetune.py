@@ -51,7 +51,7 @@ def tiny(tmp_path_factory, one_thread):
     make_local_tokenizer(src)
     plain = AutoModelForCausalLM.from_pretrained(src, quantization_config=_cfg())
     tuned = AutoModelForCausalLM.from_pretrained(src, quantization_config=_cfg(
-        finetune=True, finetune_steps=6, finetune_lr=2e-3, finetune_batch_size=3))
+        finetune=True, finetune_steps=6, finetune_lr=1e-2, finetune_batch_size=3))
     saved = tmp_path_factory.mktemp("ft_plain")
     plain.save_pretrained(saved)
     return {"src": src, "ref": ref, "plain": plain, "tuned": tuned, "saved": saved}
@@ -82,7 +82,7 @@ def test_finetune_on_load_lowers_kl_and_keeps_codes(tiny):
     assert not any(p.requires_grad for m in tuned.values() for p in m.parameters())
     # the settings reach config.json, the report too
     d = qc.to_dict()
-    assert d["finetune"] is True and d["finetune_lr"] == 2e-3 and d["finetune_report"] == rep
+    assert d["finetune"] is True and d["finetune_lr"] == 1e-2 and d["finetune_report"] == rep
 
 
 def test_finetune_saved_checkpoint_with_float_teacher(tiny, tmp_path):
@@ -94,7 +94,7 @@ def test_finetune_saved_checkpoint_with_float_teacher(tiny, tmp_path):
     codes = {n: m.codes() for n, m in layers.items()}
     rows = {n: m.weight_row_scale.clone() for n, m in layers.items()}
     report = finetune_scales(model, torch.stack(_windows()), tiny["ref"],
-                             FinetuneSettings(steps=5, lr=2e-3, batch_size=3))
+                             FinetuneSettings(steps=5, lr=1e-2, batch_size=3))
     assert report.steps == 5 and len(report.losses) == 5 and report.epochs == 2.5
     assert report.kl_after < 0.9 * report.kl_before
     assert layers[name].weight_col_scale[5] == 0

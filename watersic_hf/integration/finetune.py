@@ -4,7 +4,9 @@ Only the fp16 scales of every :class:`~watersic_hf.nn.WaterSICLinear` move — `
 row, ``weight_row_scale``) and ``g`` (per input column, ``weight_col_scale``); the integer codes,
 hence the rate, stay as they are. Everything else in the model is frozen.
 
-* **Trainable copies.** fp32 copies of ``t`` and ``g`` are trained. The forward uses
+* **Trainable copies.** fp32 copies of ``t`` and ``g`` are trained, as factors on the stored
+  values (``t₀ ⊙ u``, ``u`` starting at 1: the paper's ``t``, ``g`` are near 1, ours carry the
+  step sizes, so the factor form keeps the paper's learning rate meaningful). The forward uses
   :func:`fp16_ste` of them — rounded to fp16 (clamped into the normal fp16 range) with an identity
   gradient — so training sees the precision that is deployed; at the end the fp16-rounded values
   are written back, so the saved scales stay fp16-exact. Scales that are exactly zero (dead
@@ -198,12 +200,20 @@ def _compact_codes(module: nn.Module) -> torch.Tensor:
 
 
 class _ScaleState:
-    """fp32 trainable copies of one layer's scales, and which entries are fixed at zero."""
+    """One layer's trainable scales and which entries are fixed at zero.
+
+    The scales are trained as fp32 factors on the stored values: ``t = t₀ ⊙ u``, ``g = g₀ ⊙ v``
+    with ``u = v = 1`` at the start. The stored column scale holds the step sizes ``α`` (small,
+    different per layer), which the paper keeps in the frozen ``Zα`` with its ``t``, ``g`` near 1;
+    training factors near 1 gives its learning rate (5e-4) the same relative meaning.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.row = nn.Parameter(module.weight_row_scale.detach().float().clone())  # (out,)
-        self.col = nn.Parameter(module.weight_col_scale.detach().float().clone())  # (in,)
+        self.row0 = module.weight_row_scale.detach().float().clone()  # (out,)
+        self.col0 = module.weight_col_scale.detach().float().clone()  # (in,)
+        self.row = nn.Parameter(torch.ones_like(self.row0))  # u, (out,)
+        self.col = nn.Parameter(torch.ones_like(self.col0))  # v, (in,)
         self.row_live = module.weight_row_scale.detach() != 0
         self.col_live = module.weight_col_scale.detach() != 0
         self.codes = _compact_codes(module)  # (out, in), integer
@@ -215,8 +225,8 @@ class _ScaleState:
         if x.shape[-1] != m.in_features:
             raise ValueError(f"input has {x.shape[-1]} features; this layer expects "
                              f"{m.in_features}")
-        g = fp16_ste(self.col, self.col_live)
-        t = fp16_ste(self.row, self.row_live)
+        g = fp16_ste(self.col0 * self.col, self.col_live)
+        t = fp16_ste(self.row0 * self.row, self.row_live)
         # The fp32 codes exist only inside this forward (and its recomputation in backward).
         y = ((x.float() * g) @ self.codes.float().t()) * t
         if m.bias is not None:
@@ -226,8 +236,9 @@ class _ScaleState:
     def write_back(self) -> None:
         """Store the fp16-rounded trained values in the module's fp16 parameters."""
         with torch.no_grad():
-            self.module.weight_row_scale.copy_(_fp16_round(self.row, self.row_live).half())
-            self.module.weight_col_scale.copy_(_fp16_round(self.col, self.col_live).half())
+            row, col = self.row0 * self.row, self.col0 * self.col
+            self.module.weight_row_scale.copy_(_fp16_round(row, self.row_live).half())
+            self.module.weight_col_scale.copy_(_fp16_round(col, self.col_live).half())
 
 
 def _quantized_blocks(model: nn.Module) -> nn.ModuleList:
