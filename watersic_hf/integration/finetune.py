@@ -542,13 +542,14 @@ def finetune_scales(
                         f"WaterSIC-FT: the KL became {step_loss} at step {len(losses)}; lower "
                         f"the learning rate (lr={settings.lr})")
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                lr_now = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 losses.append(step_loss)
                 seen += len(picks)
                 if len(losses) % max(1, steps // 10) == 0 or len(losses) == steps:
                     logger.info("WaterSIC-FT step %d/%d: KL %.5f, lr %.3g", len(losses), steps,
-                                step_loss, opt.param_groups[0]["lr"])
+                                step_loss, lr_now)
         for s in states:
             s.write_back()
         kl_after = _mean_kl(model, rows, teacher_rows, settings.chunk_tokens)
