@@ -10,6 +10,7 @@ happens, transformers does not know the method and refuses the checkpoint (size 
 
 from ._version import __version__
 from .config import FORMAT_VERSION, WaterSICConfig
+from .integration.finetune import FinetuneReport, FinetuneSettings, finetune_scales
 from .nn import WaterSICLinear
 from .quantizer import WaterSICHfQuantizer
 from .report import report
@@ -33,10 +34,13 @@ def register_lora(config):  # noqa: ANN001, ANN201 - peft types, imported lazily
 
 __all__ = [
     "FORMAT_VERSION",
+    "FinetuneReport",
+    "FinetuneSettings",
     "WaterSICConfig",
     "WaterSICHfQuantizer",
     "WaterSICLinear",
     "__version__",
     "register_lora",
+    "finetune_scales",
     "report",
 ]

@@ -314,6 +314,25 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         "from its last finished block (same result as an uninterrupted run)",
     )
     p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="WaterSIC-FT after calibration: fine-tune the fp16 row/column scales to the float "
+        "model's next-token distributions on the calibration windows (codes and rate unchanged)",
+    )
+    p.add_argument(
+        "--finetune-steps",
+        type=_positive_int,
+        metavar="N",
+        help="with --finetune: optimiser steps (default: 10 epochs on CUDA, 2 on the CPU)",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=5e-4,
+        metavar="LR",
+        help="with --finetune: peak learning rate, cosine-decayed to LR/100 (default 5e-4)",
+    )
+    p.add_argument(
         "--max-memory",
         type=_max_memory,
         metavar="SIZE|DEV=SIZE,...",
@@ -505,6 +524,9 @@ def _run_quantize(args: argparse.Namespace, rank: int) -> dict[str, Any]:
         damp=args.damp,
         resume=args.resume,
         work_dir=str(out.with_name(out.name + ".watersic-resume")) if args.resume else None,
+        finetune=args.finetune,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
     )
     summary: dict[str, Any] = {
         "model": "default (SmolLM2-135M-Instruct)" if is_default else model_src,
@@ -577,6 +599,8 @@ def _save_quantized(args: argparse.Namespace, box: list[Any], summary: dict[str,
             1,
         )
     summary["achieved_bits"] = getattr(qc, "achieved_bits", None)
+    if getattr(qc, "finetune_report", None):
+        summary["finetune"] = qc.finetune_report
     summary["layers"] = len(layers)
     summary.update(_error_summary(layers))
     summary["bits_in_memory"] = memory_bits(model, layers)["bits_per_weight"]

@@ -55,6 +55,7 @@ _RESULT_FIELDS = (
     "watersic_version",
     "report",
     "checksums",
+    "finetune_report",
     "quant_method",
 )
 
@@ -255,6 +256,23 @@ class WaterSICConfig(QuantizationConfigMixin):
             Folder for ``resume``; defaults to ``$WATERSIC_CACHE/resume/<fingerprint>``
             (``~/.cache/watersic_hf/...``), keyed by the model, the calibration data and the
             settings.
+        finetune (`bool`, *optional*, defaults to `False`):
+            WaterSIC-FT (algorithm.md §3.10): after calibration, fine-tune the fp16 per-row and
+            per-column scales of every quantized layer to minimise the token KL divergence from
+            the float model on the calibration windows (AdamW, weight decay 0, gradient clip 1.0,
+            cosine decay to ``finetune_lr / 100``). The integer codes, hence the rate, do not
+            change. The teacher is the float output of the last block, kept by the calibration
+            (so ``method`` must be ``"watersic"``). To fine-tune a saved checkpoint use
+            :func:`watersic_hf.finetune_scales` with the float model as teacher.
+        finetune_steps (`int`, *optional*):
+            Optimiser steps. ``None`` picks by device: 10 epochs over the calibration windows on
+            CUDA (the paper's schedule), 2 on the CPU (one epoch over 32 x 512 tokens of a 135M
+            model already takes minutes there); the value used is stored here.
+        finetune_lr (`float`, *optional*, defaults to 5e-4):
+            Peak learning rate (the paper's; it used 5e-5 for 70B models). In (0, 1].
+        finetune_batch_size (`int`, *optional*, defaults to 8):
+            Calibration windows per optimiser step (the paper's 8); gradients are accumulated one
+            window at a time, so memory does not grow with it.
 
     Result fields (filled in by calibration, stored in ``config.json``; do not set them by hand):
         layers (`dict[str, dict]`): per replaced module ``{"in", "out", "bias", "layout", "bits",
@@ -268,6 +286,8 @@ class WaterSICConfig(QuantizationConfigMixin):
             ``layers``): entropy, on-disk, in-memory and accounted bits per weight.
         checksums (`dict`): ``{"algorithm": "xxh3_64", "tensors": {name: digest}}`` of every
             tensor in the saved files (format version 2), verified when the checkpoint loads.
+        finetune_report (`dict`): with ``finetune``, the KL before and after, steps, epochs,
+            windows, tokens and seconds (:class:`watersic_hf.integration.finetune.FinetuneReport`).
     """
 
     def __init__(
@@ -300,6 +320,10 @@ class WaterSICConfig(QuantizationConfigMixin):
         backend: str | None = None,
         resume: bool = False,
         work_dir: str | None = None,
+        finetune: bool = False,
+        finetune_steps: int | None = None,
+        finetune_lr: float = 5e-4,
+        finetune_batch_size: int = 8,
         layers: dict[str, dict[str, Any]] | None = None,
         achieved_bits: float | None = None,
         calibration_tokens: int | None = None,
@@ -308,6 +332,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         watersic_version: str | None = None,
         report: dict[str, Any] | None = None,
         checksums: dict[str, Any] | None = None,
+        finetune_report: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -344,6 +369,10 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.backend = backend
         self.resume = resume
         self.work_dir = work_dir
+        self.finetune = finetune
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = finetune_lr
+        self.finetune_batch_size = finetune_batch_size
         self.layers = dict(layers) if layers else {}
         self.achieved_bits = achieved_bits
         self.calibration_tokens = calibration_tokens
@@ -352,6 +381,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         self.watersic_version = watersic_version
         self.report = dict(report) if report else None
         self.checksums = dict(checksums) if checksums else None
+        self.finetune_report = dict(finetune_report) if finetune_report else None
         if kwargs:
             # A typo must not silently fall back to a default (``bit=2`` quantizing at 3 bits).
             # Keys from a saved config.json that this version does not know go through from_dict.
@@ -445,8 +475,20 @@ class WaterSICConfig(QuantizationConfigMixin):
             "adaptive_eps",
             "rate_control",
             "resume",
+            "finetune",
         ):
             _check_bool(name, getattr(self, name))
+        if self.finetune_steps is not None:
+            self.finetune_steps = _check_int("finetune_steps", self.finetune_steps, 1)
+        self.finetune_lr = _check_float("finetune_lr", self.finetune_lr, 0.0, 1.0, open_low=True)
+        self.finetune_batch_size = _check_int("finetune_batch_size", self.finetune_batch_size, 1)
+        if self.finetune and self.method != "watersic":
+            raise ValueError(
+                f"WaterSICConfig(finetune=True) needs method='watersic' (got {self.method!r}): "
+                "its calibration keeps the float model's outputs as the fine-tuning teacher. "
+                "Quantize without finetune and fine-tune the saved checkpoint with "
+                "watersic_hf.finetune_scales(model, windows, teacher=float_model)"
+            )
         if self.work_dir is not None:
             if not isinstance(self.work_dir, (str, os.PathLike)):
                 raise TypeError(

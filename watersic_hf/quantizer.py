@@ -153,6 +153,11 @@ class WaterSICHfQuantizer(HfQuantizer):
         result = calibrate_model(
             model, cfg, modules_to_not_convert=self.modules_to_not_convert, tokenizer=tokenizer
         )
+        if cfg.finetune:
+            from .integration.finetune import finetune_after_calibration
+
+            # WaterSIC-FT: only the fp16 scales change, so the layouts recorded below still hold.
+            cfg.finetune_report = finetune_after_calibration(model, cfg, result).to_dict()
         layers: dict[str, dict[str, Any]] = {}
         reports = {r.name: r for r in result.reports}
         for name, module in result.modules.items():

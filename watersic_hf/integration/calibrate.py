@@ -78,6 +78,13 @@ class CalibrationResult:
         seconds (`float`): wall time.
         block_calls (`list[int]`): forward calls of each calibrated block (float, quantized and
             discovery passes, early-stopped ones included).
+        windows (`list[torch.LongTensor]`, *optional*): with ``config.finetune``, the calibration
+            token ids per batch, ``(B, T)`` on the CPU.
+        teacher_block_output (`list[torch.Tensor]`, *optional*): with ``config.finetune``, the
+            float model's output of the last quantized block per batch, ``(B, T, hidden)`` on the
+            cache device (the WaterSIC-FT teacher, see
+            :func:`watersic_hf.integration.finetune.teacher_hidden_from_block_output`).
+        teacher_block_index (`int`, *optional*): index of that block.
     """
 
     modules: dict[str, nn.Module] = field(default_factory=dict)
@@ -86,6 +93,9 @@ class CalibrationResult:
     tokens: int = 0
     seconds: float = 0.0
     block_calls: list[int] = field(default_factory=list)
+    windows: list[torch.Tensor] | None = None
+    teacher_block_output: list[torch.Tensor] | None = None
+    teacher_block_index: int | None = None
 
 
 def _attention_marker(probe: list[Any]) -> Callable[[Callable[[], None]], Any]:
@@ -122,9 +132,11 @@ class _Calibrator:
         self.prefix, self.blocks = find_decoder_blocks(model)
         self.result = CalibrationResult()
         # The float path is needed for drift statistics, residual compensation and attention
-        # weights.
+        # weights, and gives the WaterSIC-FT teacher (the float output of the last block).
+        self.keep_teacher = self.method == "watersic" and bool(getattr(config, "finetune", False))
         self.need_float = self.method == "watersic" and (
             config.drift or config.residual_compensation or config.attention_weighted
+            or self.keep_teacher
         )
         self._warned_no_attention = False
         self.held_out: frozenset[int] = frozenset()
@@ -152,6 +164,12 @@ class _Calibrator:
                         "the model with from_pretrained (device_map=None, or device_map='auto' "
                         "with max_memory/offload_folder for a model larger than memory)"
                     )
+        if self.comm is not None and self.keep_teacher:
+            raise ValueError(
+                "finetune=True is not supported in a distributed run (world size "
+                f"{self.comm.world}); quantize in one process, then fine-tune the saved "
+                "checkpoint with watersic_hf.finetune_scales"
+            )
         if self.comm is not None and self.cfg.resume:
             raise ValueError(
                 "resume=True is not supported in a distributed run (world size "
@@ -286,6 +304,10 @@ class _Calibrator:
             bar.on_block(idx)
         if store is not None:
             store.remove()
+        if self.keep_teacher:
+            self.result.windows = batches
+            self.result.teacher_block_output = fcache
+            self.result.teacher_block_index = len(block_linears) - 1
 
     def _restore(self, state: Any, bar: ProgressBar) -> int:
         """Install the persisted blocks of a resumed run; returns the first block to calibrate."""
@@ -359,7 +381,10 @@ class _Calibrator:
                 del policy  # frees the group's moment sums before the next group
                 runner.finalize(step)
                 runner.release_float(step)
-            new_f, new_q = runner.next_caches() if want_next else (None, [])
+            if want_next:
+                new_f, new_q = runner.next_caches()
+            else:  # last block: only the float output, and only as the fine-tuning teacher
+                new_f, new_q = (runner.next_float if self.keep_teacher else None), []
             self.result.block_calls.append(runner.calls + 1)  # + the discovery call
             self._finish(idx, block, quantized)
         return (new_f if self.need_float else None), new_q, quantized
