@@ -98,17 +98,22 @@ def run_one(variant: str, bits: float, nsamples: int, seqlen: int, out: pathlib.
                       "threads": torch.get_num_threads(), **extra})
 
 
-def _full_from_rate_ppl(args: argparse.Namespace, out: pathlib.Path) -> None:
-    """The full recipe is ``bench_rate_ppl_plot.py``'s WaterSIC point at the same bits and token
-    count (the same defaults, model and evaluation): reuse it rather than quantize again."""
+#: Variants that are points of ``bench_rate_ppl_plot.py`` (same defaults, model, calibration and
+#: evaluation): variant -> its method there.
+_FROM_RATE_PPL = {"full": "watersic", "finetune": "watersic_ft"}
+
+
+def _from_rate_ppl(variant: str, args: argparse.Namespace, out: pathlib.Path) -> None:
+    """Reuse ``bench_rate_ppl_plot.py``'s point for ``variant`` at the same bits and token count
+    rather than quantize again (the full recipe, and WaterSIC-FT on its checkpoint)."""
     path = ROOT / "benchmarks" / "results" / "rate_ppl.json"
     if not path.exists():
         return
     for p in json.loads(path.read_text(encoding="utf-8"))["points"]:
         if (p["method"], float(p["bits_target"]), p["nsamples"], p["seqlen"]) == (
-                "watersic", args.bits, args.nsamples, args.seqlen):
+                _FROM_RATE_PPL[variant], args.bits, args.nsamples, args.seqlen):
             _write_json(out, {
-                "variant": "full", "bits": args.bits, "nsamples": args.nsamples,
+                "variant": variant, "bits": args.bits, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "ppl": p["ppl"], "seconds": p["quantize_seconds"],
                 "achieved_bits": p["achieved_bits"], "rel_err_mean": p.get("rel_err_mean"),
                 "heldout_rel_err_mean": p.get("heldout_rel_err_mean"),
@@ -167,8 +172,8 @@ def main() -> None:
         tag = ("fp32" if variant == "fp32"
                else f"{variant}_b{args.bits:g}_{args.nsamples}x{args.seqlen}")
         out = OUT / f"{tag}.json"
-        if variant == "full" and not out.exists():
-            _full_from_rate_ppl(args, out)
+        if variant in _FROM_RATE_PPL and not out.exists():
+            _from_rate_ppl(variant, args, out)
         if not out.exists():
             print(f"[bench_ablation] {variant} ...", flush=True)
             subprocess.run([sys.executable, __file__, "--bits", str(args.bits), "--nsamples",

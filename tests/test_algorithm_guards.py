@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import watersic_hf.algorithm.api as api
-from watersic_hf.algorithm import gptq_quantize, rtn_quantize, watersic_quantize
+from watersic_hf.algorithm import gptq_entropy_quantize, rtn_quantize, watersic_quantize
 from watersic_hf.algorithm._scales import FP16_RESOLUTION, fp16_balance
 from watersic_hf.algorithm.rescalers import RescalerResult, _spd_solve, fit_rescalers
 from watersic_hf.algorithm.search import entropy_target, max_entropy_bits, max_live_rate_bits
@@ -128,7 +128,7 @@ def test_entropy_target_is_capped_with_a_warning(caplog):
         max_entropy_bits(4, 0)
 
 
-@pytest.mark.parametrize("method", ["watersic", "gptq", "rtn"])
+@pytest.mark.parametrize("method", ["watersic", "gptq_entropy", "rtn"])
 def test_small_layer_with_a_huge_target_is_capped(method):
     gen = torch.Generator().manual_seed(1)
     a, n = 6, 8
@@ -138,7 +138,7 @@ def test_small_layer_with_a_huge_target_is_capped(method):
     if method == "rtn":
         q = rtn_quantize(w, sigma, bits=16.0)
     else:
-        fn = watersic_quantize if method == "watersic" else gptq_quantize
+        fn = watersic_quantize if method == "watersic" else gptq_entropy_quantize
         q = fn(w, sigma, bits=16.0)
     cap = math.log2(a * n)
     assert q.entropy_target == pytest.approx(cap)
@@ -173,7 +173,7 @@ def _duplicated_sigma(n: int, seed: int) -> torch.Tensor:
     return x.T @ x / 256
 
 
-@pytest.mark.parametrize("method", ["watersic", "gptq"])
+@pytest.mark.parametrize("method", ["watersic", "gptq_entropy"])
 def test_rank_deficient_sigma_with_no_damping(method, caplog):
     n = 16
     sigma = _duplicated_sigma(n, 2)
@@ -181,7 +181,7 @@ def test_rank_deficient_sigma_with_no_damping(method, caplog):
     w = torch.randn(64, n, generator=gen, dtype=torch.float64)
     w[7] = 0.0  # an all-zero row
     w[:, 9] = 0.0  # and an all-zero column
-    fn = watersic_quantize if method == "watersic" else gptq_quantize
+    fn = watersic_quantize if method == "watersic" else gptq_entropy_quantize
     with caplog.at_level(logging.WARNING):
         q = fn(w, sigma, bits=4.0, damp=0.0)
     assert "Cholesky failed at damp=0" in caplog.text  # damped_cholesky raised the damping
@@ -277,9 +277,9 @@ def test_nan_codes_are_refused(monkeypatch):
         return z, g
 
     monkeypatch.setattr(api, "zsic", nan_zsic)
-    with pytest.raises(ValueError, match=r"gptq quantization of a 32x16 layer produced 1 "
+    with pytest.raises(ValueError, match=r"gptq_entropy quantization of a 32x16 layer produced 1 "
                                          r"non-finite code"):
-        gptq_quantize(w, sigma, step=0.1)
+        gptq_entropy_quantize(w, sigma, step=0.1)
 
 
 def test_rtn_nan_scale_and_int32_overflow_are_refused(monkeypatch):
