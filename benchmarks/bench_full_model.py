@@ -35,7 +35,7 @@ def _ppl(model, tok, eval_tokens: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=float, default=3.0)
-    p.add_argument("--methods", nargs="+", default=["watersic", "gptq", "rtn"])
+    p.add_argument("--methods", nargs="+", default=["watersic", "gptq_entropy", "rtn"])
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--damp", type=float, default=0.1, help="WaterSIC damping")
