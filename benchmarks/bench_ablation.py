@@ -162,6 +162,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
     p.add_argument("--section", default="ablation", help="docs/benchmarks.md section to write")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table from the cached results; skip variants not measured")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -174,6 +176,9 @@ def main() -> None:
         out = OUT / f"{tag}.json"
         if variant in _FROM_RATE_PPL and not out.exists():
             _from_rate_ppl(variant, args, out)
+        if not out.exists() and args.report_only:
+            print(f"[bench_ablation] {variant}: not measured, left out", flush=True)
+            continue
         if not out.exists():
             print(f"[bench_ablation] {variant} ...", flush=True)
             subprocess.run([sys.executable, __file__, "--bits", str(args.bits), "--nsamples",
