@@ -10,7 +10,6 @@ happens, transformers does not know the method and refuses the checkpoint (size 
 
 from ._version import __version__
 from .config import FORMAT_VERSION, WaterSICConfig
-from .integration.finetune import FinetuneReport, FinetuneSettings, finetune_scales
 from .nn import WaterSICLinear
 from .quantizer import WaterSICHfQuantizer
 from .report import report
@@ -30,6 +29,20 @@ def register_lora(config):  # noqa: ANN001, ANN201 - peft types, imported lazily
             f"LoRA on WaterSIC layers needs PEFT ({err}): pip install 'watersic-hf[train]'"
         ) from err
     return _register(config)
+
+
+_FINETUNE_NAMES = ("FinetuneReport", "FinetuneSettings", "finetune_scales")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook
+    # WaterSIC-FT is imported on first use: the autoregistration hook imports this package while
+    # transformers is still importing its quantizer registry, and finetune.py reaches into
+    # transformers' modeling code (a circular import at that moment).
+    if name in _FINETUNE_NAMES:
+        from .integration import finetune
+
+        return getattr(finetune, name)
+    raise AttributeError(f"module 'watersic_hf' has no attribute {name!r}")
 
 
 __all__ = [
