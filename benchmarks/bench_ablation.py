@@ -133,7 +133,10 @@ def _table(results: dict[str, dict], bits: float, nsamples: int, seqlen: int) ->
         "shipped 1934-1999 SOTU corpus; perplexity on the 2010-2013 speeches (first "
         f"{EVAL_TOKENS} tokens, {EVAL_SEQLEN}-token windows). fp32 perplexity **{fp:.3f}**. Each "
         "row changes one setting of the full recipe (`benchmarks/bench_ablation.py`); time is "
-        "`from_pretrained` with calibration in a fresh process (2 threads, shared machine).",
+        "`from_pretrained` with calibration in a fresh process ("
+        + "/".join(str(t) for t in sorted({r.get("threads", "?") for r in results.values()
+                                             if "threads" in r}))
+        + " thread(s) per run; two runs shared the machine).",
         "",
         "| variant | ppl | × fp32 | achieved bits | mean rel. err (in-sample / held-out) | "
         "median damp | time (s) |",

@@ -209,6 +209,9 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # The interesting range: up to 8x the float perplexity (or the largest point below that).
+    fp = results["float"]["ppl"] if results.get("float") else None
+    top = 8.0 * fp if fp else max(p["ppl"] for p in results["points"])
     for method, (label, style) in METHOD_STYLE.items():
         mine = [p for p in results["points"] if p["method"] == method]
         for group in sorted({p.get("group_size") or 0 for p in mine}):
@@ -218,13 +221,22 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
             if method == "gptq":
                 widths = ",".join(f"{b:g}" for b in sorted({b for *_, b in pts}))
                 label = method_label(method, None, group).replace("(", f"(w{widths} ", 1)
-            ax.plot([x for x, *_ in pts], [y for _, y, _ in pts], style, label=label)
+            # Points far off the scale (a collapsed 2-bit grid) sit on the top edge, labelled.
+            ys = [min(y, top) for _, y, _ in pts]
+            line = ax.plot([x for x, *_ in pts], ys, style, label=label)[0]
+            for (x, y, _), yc in zip(pts, ys):
+                if y > top:
+                    ax.annotate(f"{y:.0f}", (x, yc), textcoords="offset points", xytext=(6, -12),
+                                fontsize=8, color=line.get_color())
     if results.get("float"):
         ax.axhline(results["float"]["ppl"], color="gray", lw=1, label="float (fp32)")
     ax.set_yscale("log")
-    # Plain numbers on the log axis: the perplexity range of one model is narrow.
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set_ylim(top=top * 1.15)
+    # Plain numbers on the log axis; no minor labels (they collide on a narrow range).
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0,
+                                                                           5.0, 7.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bits per weight in memory (codes, scales and layout; as loaded)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
