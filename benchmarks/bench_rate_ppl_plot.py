@@ -224,7 +224,7 @@ def plot(results: dict[str, Any], out: pathlib.Path, title: str, ylabel: str) ->
             # Points far off the scale (a collapsed 2-bit grid) sit on the top edge, labelled.
             ys = [min(y, top) for _, y, _ in pts]
             line = ax.plot([x for x, *_ in pts], ys, style, label=label)[0]
-            for (x, y, _), yc in zip(pts, ys):
+            for (x, y, _), yc in zip(pts, ys, strict=True):
                 if y > top:
                     ax.annotate(f"{y:.0f}", (x, yc), textcoords="offset points", xytext=(6, -12),
                                 fontsize=8, color=line.get_color())

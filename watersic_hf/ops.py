@@ -156,6 +156,13 @@ def torch_packed_matmul(
     Returns:
         `torch.Tensor` of shape `(M, N)` and dtype ``x.dtype``.
     """
+    codes = _unpack(packed, group_meta, perm, escape_packed, escape_base)
+    return torch_plain_matmul(x, codes, col_scale, row_scale, bias)
+
+
+def _unpack(packed: torch.Tensor, group_meta: torch.Tensor, perm: torch.Tensor,
+            escape_packed: torch.Tensor, escape_base: torch.Tensor) -> torch.Tensor:
+    """The int32 codes, shape ``(N, K)``, of the op's code tensors (reference decoder)."""
     tensors = {
         "weight_packed": packed,
         "weight_group_meta": group_meta,
@@ -163,8 +170,7 @@ def torch_packed_matmul(
         "weight_escape_packed": escape_packed,
         "weight_escape_base": escape_base,
     }
-    codes = packing.unpack_codes(tensors, perm.shape[0], packed.shape[1])
-    return torch_plain_matmul(x, codes, col_scale, row_scale, bias)
+    return packing.unpack_codes(tensors, perm.shape[0], packed.shape[1])
 
 
 @torch.library.custom_op("watersic::packed_linear", mutates_args=())
@@ -240,14 +246,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     if needs[_BIAS]:
         grads[_BIAS] = g.sum(0).to(ctx.bias_dtype)
     if needs[_X] or needs[_COL] or needs[_ROW]:
-        tensors = {
-            "weight_packed": packed,
-            "weight_group_meta": group_meta,
-            "weight_perm": perm,
-            "weight_escape_packed": escape_packed,
-            "weight_escape_base": escape_base,
-        }
-        codes = packing.unpack_codes(tensors, perm.shape[0], packed.shape[1]).float()  # (N, K)
+        codes = _unpack(packed, group_meta, perm, escape_packed, escape_base).float()  # (N, K)
         cs, rs = col_scale.float(), row_scale.float()
         if needs[_X] or needs[_COL]:
             gc = torch.matmul(g * rs, codes)  # (M, K): gradient w.r.t. x · col_scale
