@@ -6,7 +6,7 @@ setting; "plain loop" switches off drift, residual compensation, attention weigh
 control together (a plain sequential loop over the single-layer quantizer). Every variant is
 quantized through ``from_pretrained`` in a fresh subprocess, calibrated on the shipped pre-2000
 State-of-the-Union corpus and evaluated on the 2010-2013 speeches (:mod:`watersic_hf.evaluation`:
-first 4096 tokens, 512-token windows). Results are cached as JSON under ``out/bench_ablation/``
+first 4096 tokens, 512-token windows). Results are cached as JSON under ``benchmarks/results/ablation/`` (in git)
 (delete a file to re-measure it) and the table goes into the ``ablation`` section of
 docs/benchmarks.md (``--section`` to write another one, e.g. for another token count).
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OUT = ROOT / "out" / "bench_ablation"
+OUT = ROOT / "benchmarks" / "results" / "ablation"  # kept in git: a later run adds rows
 EVAL_TOKENS, EVAL_SEQLEN = 4096, 512
 
 #: variant -> (description, WaterSICConfig overrides of the defaults)
