@@ -7,8 +7,9 @@ control together (a plain sequential loop over the single-layer quantizer). Ever
 quantized through ``from_pretrained`` in a fresh subprocess, calibrated on the shipped pre-2000
 State-of-the-Union corpus and evaluated on the 2010-2013 speeches (:mod:`watersic_hf.evaluation`:
 first 4096 tokens, 512-token windows). Results are cached as JSON under
-``benchmarks/results/ablation/``, kept in git (delete a file to re-measure it), and the table goes into the ``ablation`` section of
-docs/benchmarks.md (``--section`` to write another one, e.g. for another token count).
+``benchmarks/results/ablation/``, kept in git (delete a file to re-measure it), and the table
+goes into the ``ablation`` section of docs/benchmarks.md (``--section`` to write another one,
+e.g. for another token count).
 
 Usage::
 
