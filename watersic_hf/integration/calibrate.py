@@ -248,15 +248,15 @@ class _Calibrator:
             vocab_size=vocab,
         )
         batches = make_batches(samples, cfg.batch_size)
-        # Held-out batches for automatic damping, chosen among ALL batches so that a
-        # distributed run holds out the same windows as one process (local indices below).
+        # Held-out batches for automatic damping (also the batches the adaptive-eps search
+        # measures its error on), chosen among ALL batches so that a distributed run holds out
+        # the same windows as one process (local indices below).
         n_all = len(batches)
-        # (also the batches the adaptive-eps search measures its error on).
         use_held = cfg.auto_damp or (cfg.adaptive_eps and cfg.method == "watersic")
         held = holdout_batches(n_all, cfg.holdout_fraction) if use_held else []
         start_b = 0
         if self.comm is not None:
-            start_b, stop_b = shard_bounds(len(batches), self.comm.world)[self.comm.rank]
+            start_b, stop_b = shard_bounds(n_all, self.comm.world)[self.comm.rank]
             batches = batches[start_b:stop_b]
         self.held_out = frozenset(i - start_b for i in held if 0 <= i - start_b < len(batches))
         if use_held and not held:

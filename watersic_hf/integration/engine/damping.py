@@ -141,7 +141,8 @@ def choose_damp(
     layer, so the candidates are compared at the rate they would get.
 
     Args:
-        quantizer (`GroupQuantizer`): method and settings; its ``_quantize`` does the work.
+        quantizer (`GroupQuantizer`): its settings (seed, LMMSE, dead threshold), rate budget
+            and statistics preparation; the trials call :func:`watersic_quantize` directly.
         ctx (`BlockContext`): the block (its Linears still hold their float weights).
         names (`tuple[str, ...]`): the group's Linears, relative to the block.
         fit (`LayerStats`): statistics of the kept windows.
