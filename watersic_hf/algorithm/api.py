@@ -225,6 +225,19 @@ def _check_prepared(prepared: PreparedStatistics, sigma_x: torch.Tensor,
                          f"{n}")
 
 
+def _prepared_for(prepared: PreparedStatistics | None, sigma_x: torch.Tensor,
+                  sigma_xhat: torch.Tensor | None, sigma_x_xhat: torch.Tensor | None, *,
+                  damp: float, dead_threshold: float, n: int,
+                  device: torch.device) -> PreparedStatistics:
+    """``prepared`` checked against the call's statistics and settings, or, when it is ``None``,
+    :func:`prepare_statistics` of them (``n`` in-features, factored on ``device``)."""
+    if prepared is None:
+        return prepare_statistics(sigma_x, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
+                                  damp=damp, dead_threshold=dead_threshold, device=device, n=n)
+    _check_prepared(prepared, sigma_x, sigma_xhat, sigma_x_xhat, damp, dead_threshold, n)
+    return prepared
+
+
 @torch.no_grad()
 def _sic_quantize(
     method: str,
@@ -261,12 +274,8 @@ def _sic_quantize(
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     device = weight.device
     a, n_orig = weight.shape
-    if prepared is None:
-        prepared = prepare_statistics(sigma_x, sigma_xhat=sigma_xhat, sigma_x_xhat=sigma_x_xhat,
-                                      damp=damp, dead_threshold=dead_threshold, device=device,
-                                      n=n_orig)
-    else:
-        _check_prepared(prepared, sigma_x, sigma_xhat, sigma_x_xhat, damp, dead_threshold, n_orig)
+    prepared = _prepared_for(prepared, sigma_x, sigma_xhat, sigma_x_xhat, damp=damp,
+                             dead_threshold=dead_threshold, n=n_orig, device=device)
     sres = (None if sigma_residual is None else
             V.check_matrix("sigma_residual", sigma_residual, (a, n_orig), symmetric=False,
                            device=device))

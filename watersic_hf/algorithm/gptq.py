@@ -33,7 +33,7 @@ import torch
 
 from . import _validate as V
 from ._scales import fp16_balance
-from .api import PreparedStatistics, _check_prepared, prepare_statistics
+from .api import PreparedStatistics, _prepared_for
 from .weight import QuantizedWeight
 
 __all__ = ["DEFAULT_DAMP", "DEFAULT_GROUP_SIZE", "check_gptq_bits", "check_group_size",
@@ -177,11 +177,8 @@ def gptq_quantize(
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     device = weight.device
     a, n = weight.shape
-    if prepared is None:
-        prepared = prepare_statistics(sigma_x, damp=damp, dead_threshold=dead_threshold,
-                                      device=device, n=n)
-    else:
-        _check_prepared(prepared, sigma_x, None, None, damp, dead_threshold, n)
+    prepared = _prepared_for(prepared, sigma_x, None, None, damp=damp,
+                             dead_threshold=dead_threshold, n=n, device=device)
     if g >= n:
         g = 0  # one group spanning every column is the per-channel scale
     maxq = 2**b - 1
