@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fixed_damp_1e-4": ("fixed damp 1e-4 (the default before automatic damping)",
                         {"damp": 1e-4}),
     "fixed_damp_0.1": ("fixed damp 0.1", {"damp": 0.1}),
+    # the same two recipes on another set of calibration windows: how far a difference between
+    # rows can come from the choice of windows alone
+    "seed_1": ("full recipe, other calibration windows (seed 1)", {"seed": 1}),
+    "no_rescale_seed_1": ("rescalers off, other calibration windows (seed 1)",
+                          {"rescale": False, "seed": 1}),
     "plain": ("plain loop: drift, residual, attention weighting and rate control off",
               {"drift": False, "residual_compensation": False, "attention_weighted": False,
                "rate_control": False}),

@@ -19,9 +19,12 @@ from watersic_hf import (
     finetune_scales,
 )
 from watersic_hf.integration.finetune import (
+    CODES_DEVICE_SHARE,
     FP16_MAX,
     FP16_MIN_NORMAL,
+    _code_bytes,
     _ScaleState,
+    codes_belong_on_host,
     fp16_ste,
 )
 
@@ -119,6 +122,45 @@ def test_training_forward_matches_module(tiny):
     # gradients reach both scale vectors
     state.forward(x).pow(2).sum().backward()
     assert state.row.grad.abs().sum() > 0 and state.col.grad.abs().sum() > 0
+
+
+def test_codes_on_host_decision(tiny):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    gb = 10**9
+    # on the CPU host and device are one: never "on the host", whatever the setting
+    assert not any(codes_belong_on_host(s, cpu, 100 * gb, 1 * gb) for s in (None, True, False))
+    # an explicit setting wins on an accelerator
+    assert codes_belong_on_host(True, cuda, 1, 100 * gb)
+    assert not codes_belong_on_host(False, cuda, 100 * gb, 1 * gb)
+    # automatic: the codes of a 70B model (70 GB of int8) beside its packed weights on an 80 GB
+    # card go to the host; an 8B model's on a 141 GB card stay on the device
+    assert codes_belong_on_host(None, cuda, 70 * gb, 80 * gb - 31 * gb)
+    assert not codes_belong_on_host(None, cuda, 8 * gb, 141 * gb - 4 * gb)
+    share = int(CODES_DEVICE_SHARE * 10 * gb)
+    assert not codes_belong_on_host(None, cuda, share, 10 * gb)
+    assert codes_belong_on_host(None, cuda, share + 1, 10 * gb)
+    assert not codes_belong_on_host(None, cuda, 100 * gb, None)  # unknown free memory
+    # one byte per weight of every layer
+    layers = list(_layers(tiny["plain"]).values())
+    assert _code_bytes(layers) == sum(m.weight_row_scale.numel() * m.weight_col_scale.numel()
+                                      for m in layers)
+    with pytest.raises(ValueError, match="codes_on_host"):
+        FinetuneSettings(codes_on_host="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_codes_on_host_forward_matches_device_codes(tiny):
+    layer = _layers(tiny["plain"])["model.layers.1.mlp.down_proj"]
+    layer.cuda()
+    try:
+        x = torch.randn(3, 5, layer.in_features, device="cuda")
+        near, far = _ScaleState(layer), _ScaleState(layer, codes_on_host=True)
+        assert near.codes.is_cuda and far.codes.device.type == "cpu" and far.codes.is_pinned()
+        assert torch.equal(far.forward(x), near.forward(x))
+        far.forward(x).sum().backward()
+        assert far.row.grad.is_cuda and far.row.grad.abs().sum() > 0
+    finally:
+        layer.cpu()
 
 
 def test_fp16_ste_rounds_forward_and_passes_gradient():

@@ -17,6 +17,11 @@ hence the rate, stay as they are. Everything else in the model is frozen.
   weight — or wider where a code needs it); it does not use the module's kernels.
   Each decoder block runs under :func:`torch.utils.checkpoint.checkpoint`, so the dense codes
   and the activations of one block at a time exist (they are recomputed in the backward pass).
+* **Codes on the host.** On an accelerator the int8 codes (1 byte per weight, ~2.3× the packed
+  model at 3.5 bits) are kept in pinned host memory when they would not fit comfortably beside
+  the model (``FinetuneSettings.codes_on_host``, :func:`codes_belong_on_host`); each layer's
+  codes are then copied to the device inside its forward, so device memory holds the packed
+  model plus one layer's codes, whatever the model size.
 * **Loss.** Token-level ``KL(teacher ‖ student)`` of the next-token distributions, averaged over
   tokens. The teacher is the float model; only its final hidden states (the input of the
   unquantized ``lm_head``) are kept, computed once, and both logit sets come from the student's
@@ -54,10 +59,12 @@ from .blocks import StopForward
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CODES_DEVICE_SHARE",
     "FP16_MAX",
     "FP16_MIN_NORMAL",
     "FinetuneReport",
     "FinetuneSettings",
+    "codes_belong_on_host",
     "default_finetune_steps",
     "finetune_after_calibration",
     "finetune_scales",
@@ -89,6 +96,9 @@ class FinetuneSettings:
         chunk_tokens (`int`): tokens per checkpointed KL chunk (bounds the logit memory).
         device (`str`, *optional*): run on this device (the model is moved there and back);
             ``None`` keeps the model where it is.
+        codes_on_host (`bool`, *optional*): keep the int8 codes in (pinned) host memory and
+            copy each layer's codes to the device in its forward. ``None`` decides by memory
+            (:func:`codes_belong_on_host`); no effect when the model runs on the CPU.
     """
 
     steps: int | None = None
@@ -99,6 +109,7 @@ class FinetuneSettings:
     seed: int = 0
     chunk_tokens: int = 1024
     device: str | None = None
+    codes_on_host: bool | None = None
 
     def __post_init__(self) -> None:
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(
@@ -117,6 +128,9 @@ class FinetuneSettings:
         if not self.max_grad_norm > 0:
             raise ValueError(
                 f"FinetuneSettings.max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if self.codes_on_host is not None and not isinstance(self.codes_on_host, bool):
+            raise ValueError(f"FinetuneSettings.codes_on_host must be True, False or None, got "
+                             f"{self.codes_on_host!r}")
 
 
 @dataclass
@@ -199,6 +213,46 @@ def _compact_codes(module: nn.Module) -> torch.Tensor:
     return codes.to(dtype)
 
 
+#: Share of the device's free memory the int8 codes may take before they are kept on the host.
+CODES_DEVICE_SHARE = 0.5
+
+
+def codes_belong_on_host(setting: bool | None, device: torch.device, code_bytes: int,
+                         free_bytes: int | None) -> bool:
+    """Whether WaterSIC-FT keeps the int8 codes on the host.
+
+    Args:
+        setting: ``FinetuneSettings.codes_on_host`` (``None`` = decide here).
+        device: where the model runs.
+        code_bytes (`int`): bytes of every layer's compact codes (1 per weight for int8).
+        free_bytes (`int`, *optional*): free memory of ``device`` after the model is on it
+            (``None``: unknown, e.g. the CPU).
+
+    Returns:
+        `False` on the CPU (host and device are one); else ``setting`` when given, else whether
+        the codes exceed :data:`CODES_DEVICE_SHARE` of ``free_bytes`` (activations, gradients and
+        the logits of a KL chunk need the rest).
+    """
+    if device.type == "cpu":
+        return False
+    if setting is not None:
+        return setting
+    return free_bytes is not None and code_bytes > CODES_DEVICE_SHARE * free_bytes
+
+
+def _code_bytes(modules: Sequence[nn.Module]) -> int:
+    """Bytes of the compact codes of ``modules`` (int8: one per weight; a layer with a code
+    beyond ±127 takes 2 or 4, which the estimate ignores)."""
+    return sum(m.out_features * m.in_features for m in modules)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes of an accelerator, ``None`` where torch cannot tell."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
 class _ScaleState:
     """One layer's trainable scales and which entries are fixed at zero.
 
@@ -208,7 +262,7 @@ class _ScaleState:
     training factors near 1 gives its learning rate (5e-4) the same relative meaning.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, codes_on_host: bool = False) -> None:
         self.module = module
         self.row0 = module.weight_row_scale.detach().float().clone()  # (out,)
         self.col0 = module.weight_col_scale.detach().float().clone()  # (in,)
@@ -216,7 +270,11 @@ class _ScaleState:
         self.col = nn.Parameter(torch.ones_like(self.col0))  # v, (in,)
         self.row_live = module.weight_row_scale.detach() != 0
         self.col_live = module.weight_col_scale.detach() != 0
-        self.codes = _compact_codes(module)  # (out, in), integer
+        codes = _compact_codes(module)  # (out, in), integer, on the module's device
+        if codes_on_host:
+            # pinned, so the copy in every forward is an asynchronous DMA
+            codes = codes.cpu().pin_memory() if torch.cuda.is_available() else codes.cpu()
+        self.codes = codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``((x ⊙ ste(g)) @ Cᵀ) ⊙ ste(t) + bias``; ``x`` ``(..., in)`` → ``(..., out)`` in
@@ -227,8 +285,10 @@ class _ScaleState:
                              f"{m.in_features}")
         g = fp16_ste(self.col0 * self.col, self.col_live)
         t = fp16_ste(self.row0 * self.row, self.row_live)
-        # The fp32 codes exist only inside this forward (and its recomputation in backward).
-        y = ((x.float() * g) @ self.codes.float().t()) * t
+        # The fp32 codes exist only inside this forward (and its recomputation in backward);
+        # codes held on the host come to the device here, one layer at a time.
+        codes = self.codes.to(x.device, non_blocking=True)
+        y = ((x.float() * g) @ codes.float().t()) * t
         if m.bias is not None:
             y = y + m.bias.float()
         return y.to(x.dtype)
@@ -507,7 +567,12 @@ def finetune_scales(
         model.to(device)
     try:
         kl_before = _mean_kl(model, rows, teacher_rows, settings.chunk_tokens)
-        states = [_ScaleState(m) for m in layers]
+        on_host = codes_belong_on_host(settings.codes_on_host, device, _code_bytes(layers),
+                                       _free_memory(device))
+        if on_host:
+            logger.info("WaterSIC-FT: the int8 codes (%.2f GB) are kept in host memory and copied "
+                        "to %s one layer at a time", _code_bytes(layers) / 1e9, device)
+        states = [_ScaleState(m, on_host) for m in layers]
         params = [p for s in states for p in (s.row, s.col)]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         floor = settings.min_lr_ratio
