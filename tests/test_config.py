@@ -20,13 +20,28 @@ from watersic_hf import FORMAT_VERSION, WaterSICConfig, WaterSICHfQuantizer
 from watersic_hf.quantizer import register
 
 
+def test_adaptive_eps_default_depends_on_the_rate():
+    # None: the search runs for WaterSIC below 2.5 bits (where it was measured to pay off)
+    assert WaterSICConfig(bits=2).adaptive_eps_on and WaterSICConfig(bits=2.4).adaptive_eps_on
+    assert not WaterSICConfig(bits=2.5).adaptive_eps_on and not WaterSICConfig().adaptive_eps_on
+    # an explicit choice wins; other methods never run it
+    assert WaterSICConfig(bits=4, adaptive_eps=True).adaptive_eps_on
+    assert not WaterSICConfig(bits=2, adaptive_eps=False).adaptive_eps_on
+    assert not WaterSICConfig(bits=2, method="gptq").adaptive_eps_on
+    assert not WaterSICConfig(bits=2, method="rtn", adaptive_eps=True).adaptive_eps_on
+    with pytest.raises(TypeError, match="adaptive_eps"):
+        WaterSICConfig(adaptive_eps="yes")
+    back = WaterSICConfig.from_dict(WaterSICConfig(bits=2).to_dict())
+    assert back.adaptive_eps is None and back.adaptive_eps_on
+
+
 def test_defaults_and_effective_damp():
     cfg = WaterSICConfig()
     assert cfg.quant_method == "watersic"
     # nsamples / seqlen: None = chosen by the calibration device (tests/test_plan.py)
     assert (cfg.bits, cfg.nsamples, cfg.seqlen, cfg.method) == (3.0, None, None, "watersic")
     assert cfg.drift and cfg.residual_compensation and cfg.attention_weighted and cfg.rate_control
-    assert not cfg.adaptive_eps and cfg.attn_eps == 0.01 and cfg.storage == "entropy"
+    assert cfg.adaptive_eps is None and cfg.attn_eps == 0.01 and cfg.storage == "entropy"
     assert cfg.format_version == FORMAT_VERSION and cfg.layers == {}
     # damp=None: automatic damping; 0.01 is only its fallback (a single calibration batch)
     assert cfg.damp is None and cfg.auto_damp and cfg.holdout_fraction == 0.25

@@ -40,6 +40,10 @@ MIN_BITS, MAX_BITS = 0.25, 16.0
 # WaterSIC's damping is automatic by default (WaterSICConfig.auto_damp); its entry here is only
 # the fallback when no calibration batch can be held out.
 DEFAULT_DAMP = {"watersic": 0.01, "gptq": 0.01, "gptq_entropy": 0.01, "rtn": 0.0}
+# adaptive_eps=None turns the (eps_q, eps_a) search on below this rate: on SmolLM2-135M it lowered
+# perplexity by 5.9% at 2 bits and changed it by under 0.3% at 3 and 4 bits, for 1.5x the time
+# (docs/benchmarks.md, "ablation" sections).
+ADAPTIVE_EPS_BELOW_BITS = 2.5
 GPTQ_BITS = (2, 8)
 """Whole-number code widths standard GPTQ (``method="gptq"``) accepts."""
 
@@ -213,15 +217,17 @@ class WaterSICConfig(QuantizationConfigMixin):
             heads · seqlen²``) in the float pass.
         attn_eps (`float`, *optional*, defaults to 0.01):
             Mixing weight of the unweighted statistics in the attention-weighted ones, in [0, 1].
-        adaptive_eps (`bool`, *optional*, defaults to `False`):
+        adaptive_eps (`bool`, *optional*):
             Choose the drift blend ε_q and the attention-weight blend ε_a per block by
             golden-section search on the relative error of the attention output, measured on the
             held-out calibration batches (``holdout_fraction``; all batches when none can be held
             out). Each evaluation quantizes q, k and v without rescalers (the chosen point is then
             quantized with them) and re-runs the attention of the block on the held-out batches:
             at most ``2·adaptive_eps_steps + 9`` evaluations per block (19 with the default).
-            With automatic damping the damping is chosen first, at the fixed mix. Off by default
-            (see the ``ablation`` section of docs/benchmarks.md for what it gains).
+            With automatic damping the damping is chosen first, at the fixed mix. ``None`` (the
+            default) turns it on below ``ADAPTIVE_EPS_BELOW_BITS`` = 2.5 bits, where it was
+            measured to pay for its ~1.5× calibration time (the ``ablation`` sections of
+            docs/benchmarks.md); :attr:`adaptive_eps_on` is the resolved choice.
         adaptive_eps_steps (`int`, *optional*, defaults to 5):
             Golden-section steps for each of ε_q and ε_a when ``adaptive_eps`` is on.
         rate_control (`bool`, *optional*, defaults to `True`):
@@ -309,7 +315,7 @@ class WaterSICConfig(QuantizationConfigMixin):
         residual_compensation: bool = True,
         attention_weighted: bool = True,
         attn_eps: float = 0.01,
-        adaptive_eps: bool = False,
+        adaptive_eps: bool | None = None,
         adaptive_eps_steps: int = 5,
         rate_control: bool = True,
         dead_threshold: float = 1e-3,
@@ -472,12 +478,16 @@ class WaterSICConfig(QuantizationConfigMixin):
             "drift",
             "residual_compensation",
             "attention_weighted",
-            "adaptive_eps",
             "rate_control",
             "resume",
             "finetune",
         ):
             _check_bool(name, getattr(self, name))
+        if self.adaptive_eps is not None and not isinstance(self.adaptive_eps, bool):
+            raise TypeError(
+                f"WaterSICConfig.adaptive_eps must be True, False or None (None: on below "
+                f"{ADAPTIVE_EPS_BELOW_BITS:g} bits), got {self.adaptive_eps!r}"
+            )
         if self.finetune_steps is not None:
             self.finetune_steps = _check_int("finetune_steps", self.finetune_steps, 1)
         self.finetune_lr = _check_float("finetune_lr", self.finetune_lr, 0.0, 1.0, open_low=True)
@@ -537,6 +547,16 @@ class WaterSICConfig(QuantizationConfigMixin):
         """True when each group's damping is chosen on held-out windows (WaterSIC with
         ``damp=None``)."""
         return self.damp is None and self.method == "watersic"
+
+    @property
+    def adaptive_eps_on(self) -> bool:
+        """Whether the adaptive (ε_q, ε_a) search runs: ``adaptive_eps`` when given, else WaterSIC
+        below ``ADAPTIVE_EPS_BELOW_BITS`` bits."""
+        if self.method != "watersic":
+            return False
+        if self.adaptive_eps is not None:
+            return self.adaptive_eps
+        return self.bits < ADAPTIVE_EPS_BELOW_BITS
 
     @property
     def effective_damp(self) -> float:

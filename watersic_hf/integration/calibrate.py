@@ -252,7 +252,7 @@ class _Calibrator:
         # measures its error on), chosen among ALL batches so that a distributed run holds out
         # the same windows as one process (local indices below).
         n_all = len(batches)
-        use_held = cfg.auto_damp or (cfg.adaptive_eps and cfg.method == "watersic")
+        use_held = cfg.auto_damp or cfg.adaptive_eps_on
         held = holdout_batches(n_all, cfg.holdout_fraction) if use_held else []
         start_b = 0
         if self.comm is not None:

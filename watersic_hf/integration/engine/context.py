@@ -130,7 +130,7 @@ def make_plan(
         if residual == "mlp" and attn_linear is None:
             residual = None  # no attention output to pair: no residual statistics (as before)
         adaptive = bool(
-            watersic and config.adaptive_eps and weighted and config.drift and nxt is not None
+            watersic and config.adaptive_eps_on and weighted and config.drift and nxt is not None
         )
         steps.append(
             GroupStep(
