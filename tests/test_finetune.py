@@ -38,7 +38,10 @@ def _windows(n: int = 6, length: int = 32) -> list[torch.Tensor]:
 
 
 def _cfg(**kw) -> WaterSICConfig:
-    return WaterSICConfig(bits=2, dataset=_windows(), seqlen=32, damp=0.01, **kw)
+    # the fixed (eps_q, eps_a) mix: the starting point these tests' margins were set on (the
+    # search, on by default below 2.5 bits, leaves less for the fine-tuning to gain)
+    return WaterSICConfig(bits=2, dataset=_windows(), seqlen=32, damp=0.01, adaptive_eps=False,
+                          **kw)
 
 
 def _layers(model) -> dict[str, WaterSICLinear]:
