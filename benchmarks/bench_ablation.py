@@ -1,9 +1,11 @@
 """Which parts of the recipe earn their place: SmolLM2-135M perplexity with each part switched.
 
-Starting from the full recipe (the defaults: automatic damping, drift correction, residual
-compensation, attention weighting, rescalers, global rate control), each variant changes one
-setting; "plain loop" switches off drift, residual compensation, attention weighting and rate
-control together (a plain sequential loop over the single-layer quantizer). Every variant is
+Starting from the full recipe (automatic damping, drift correction, residual compensation,
+attention weighting, rescalers, global rate control, and the fixed (eps_q, eps_a) mix: every
+variant pins ``adaptive_eps=False`` unless it sets it, so the baseline does not change with the
+rate although the default searches below 2.5 bits), each variant changes one setting;
+"plain loop" switches off drift, residual compensation, attention weighting and rate control
+together (a plain sequential loop over the single-layer quantizer). Every variant is
 quantized through ``from_pretrained`` in a fresh subprocess, calibrated on the shipped pre-2000
 State-of-the-Union corpus and evaluated on the 2010-2013 speeches (:mod:`watersic_hf.evaluation`:
 first 4096 tokens, 512-token windows). Results are cached as JSON under
@@ -37,7 +39,7 @@ EVAL_TOKENS, EVAL_SEQLEN = 4096, 512
 
 #: variant -> (description, WaterSICConfig overrides of the defaults)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full recipe (defaults)", {}),
+    "full": ("full recipe, fixed (eps_q, eps_a) mix", {}),
     "no_drift": ("drift correction off", {"drift": False}),
     "no_residual": ("residual compensation off", {"residual_compensation": False}),
     "no_attention": ("attention weighting off", {"attention_weighted": False}),
@@ -83,8 +85,9 @@ def run_one(variant: str, bits: float, nsamples: int, seqlen: int, out: pathlib.
     if variant == "fp32":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
+        overrides = {"adaptive_eps": False, **VARIANTS[variant][1]}
         cfg = watersic_hf.WaterSICConfig(bits=bits, nsamples=nsamples, seqlen=seqlen,
-                                         **VARIANTS[variant][1])
+                                         **overrides)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
                                                      dtype=torch.float32)
         qc = model.config.quantization_config

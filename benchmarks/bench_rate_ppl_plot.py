@@ -17,9 +17,9 @@ Usage:
     python benchmarks/bench_rate_ppl_plot.py --model DIR --eval-text FILE --no-doc   # any model
     python benchmarks/bench_rate_ppl_plot.py --methods gptq,gptq_entropy --bits 3,4
 
-Methods: ``watersic``, ``gptq`` (standard GPTQ, ``w{bits} g{--gptq-group-size}``; only whole
-``--bits`` in [2, 8] are run for it, others are skipped), ``gptq_entropy`` (entropy-coded
-single-step GPTQ) and ``rtn``.
+Methods: ``watersic`` (fixed (eps_q, eps_a) mix), ``watersic_ft``, ``gptq`` (standard GPTQ,
+``w{bits} g{--gptq-group-size}``; only whole ``--bits`` in [2, 8] are run for it, others are
+skipped), ``gptq_entropy`` (entropy-coded single-step GPTQ) and ``rtn``.
 
 On the project's 2-core CPU host one SmolLM2 point at 32 x 512 calibration tokens takes about
 25 minutes (see ``watersic-quantize``'s estimate); a GPU run uses 128 x 2048 tokens.
@@ -156,6 +156,9 @@ def measure_point(
             device=device,
             tokenizer=tokenizer,
             gptq_group_size=gptq_group_size,
+            # the fixed (eps_q, eps_a) mix at every rate, so the curve is one recipe (the default
+            # searches eps below 2.5 bits; bench_ablation.py measures what that changes)
+            adaptive_eps=False,
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
         if kept is not None:  # written whole, then renamed into place
@@ -260,7 +263,10 @@ def markdown(results: dict[str, Any], plot_path: pathlib.Path) -> str:
         "",
         f"Model: {results.get('model_name', '?')}; calibration "
         f"{results.get('nsamples')} x {results.get('seqlen')} tokens. Perplexity protocol: "
-        f"{points[0]['protocol'] if points else ''}. KL is KL(P_float ‖ P_quantized) per token.",
+        f"{points[0]['protocol'] if points else ''}. KL is KL(P_float ‖ P_quantized) per token. "
+        "WaterSIC: default settings with the fixed (eps_q, eps_a) mix at every rate (the "
+        "default searches it below 2.5 bits: `ablation_2bit`); WaterSIC-FT: one epoch of "
+        "scale fine-tuning on the WaterSIC checkpoint, its time included.",
         "",
         "| method | target bits | achieved bits | bits in memory | bits on disk | ppl "
         "| KL (bits/token) | top-1 agree | time (s) |",
