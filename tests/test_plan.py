@@ -77,6 +77,11 @@ def test_defaults_follow_the_calibration_device():
     result = plan.plan_calibration(model, cfg)
     assert (cfg.nsamples, cfg.seqlen, result.tokens) == (32, 64, 32 * 64)
     assert result.minutes is not None and result.minutes > 0
+    # below 2.5 bits the adaptive-eps search runs by default and the estimate grows with it
+    low = plan.plan_calibration(model, WaterSICConfig(device="cpu", seqlen=64, bits=2))
+    assert low.minutes == pytest.approx(result.minutes * plan.ADAPTIVE_EPS_TIME_FACTOR)
+    fixed = WaterSICConfig(device="cpu", seqlen=64, bits=2, adaptive_eps=False)
+    assert plan.plan_calibration(model, fixed).minutes == pytest.approx(result.minutes)
 
 
 def test_cpu_estimate_reproduces_the_measured_block_times():

@@ -57,6 +57,9 @@ MIN_TOKENS_PER_INPUT = 10
 # forwards grow with the tokens). Other models are scaled by their parameter count.
 SMOLLM2_PARAMS, SMOLLM2_BLOCKS = 134.5e6, 30
 SMOLLM2_BLOCK_FIXED_S, SMOLLM2_BLOCK_PER_KTOK_S = 10.5, 2.25
+# calibration time with the adaptive (eps_q, eps_a) search over time without it (SmolLM2-135M,
+# 64 x 512 tokens: 1.50, 1.61 and 1.59 at 2, 3 and 4 bits; docs/benchmarks.md "ablation")
+ADAPTIVE_EPS_TIME_FACTOR = 1.55
 
 
 def calibration_device(device: str | torch.device | None) -> str:
@@ -181,6 +184,8 @@ def plan_calibration(
     n_params = sum(p.numel() for p in model.parameters())
     uses_data = config.method != "rtn"
     minutes = expected_minutes(n_params, config.nsamples, config.seqlen, device)
+    if minutes is not None and config.adaptive_eps_on:
+        minutes *= ADAPTIVE_EPS_TIME_FACTOR
     plan = CalibrationPlan(
         device, config.nsamples, config.seqlen, tokens, widest_layer, widest, minutes
     )
