@@ -28,6 +28,7 @@ import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -100,6 +101,15 @@ def run_one(variant: str, bits: float, nsamples: int, seqlen: int, out: pathlib.
             "damp_median": damps[len(damps) // 2] if damps else None,
         }
     seconds = time.perf_counter() - start
+    if variant != "fp32":  # the same size measures as bench_rate_ppl_plot.py
+        from bench_rate_ppl_plot import memory_bits
+
+        from watersic_hf.evaluation import disk_bits
+
+        extra["bits_in_memory"] = memory_bits(model)
+        with tempfile.TemporaryDirectory(prefix="bench-ablation-") as tmp:
+            model.save_pretrained(tmp)
+            extra["bits_on_disk"] = disk_bits(tmp, qc.layers)["bits_per_weight"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     ppl = perplexity(model, tok, sotu_eval_text(), seqlen=EVAL_SEQLEN, max_tokens=EVAL_TOKENS)
     _write_json(out, {"variant": variant, "bits": bits, "nsamples": nsamples, "seqlen": seqlen,
@@ -126,7 +136,8 @@ def _from_rate_ppl(variant: str, args: argparse.Namespace, out: pathlib.Path) ->
                 "seqlen": args.seqlen, "ppl": p["ppl"], "seconds": p["quantize_seconds"],
                 "achieved_bits": p["achieved_bits"], "rel_err_mean": p.get("rel_err_mean"),
                 "heldout_rel_err_mean": p.get("heldout_rel_err_mean"),
-                "damp_median": p.get("damp_median"), "source": "bench_rate_ppl_plot.py",
+                "damp_median": p.get("damp_median"), "bits_in_memory": p["bits_in_memory"],
+                "bits_on_disk": p["bits_on_disk"], "source": "bench_rate_ppl_plot.py",
             })
             return
 
@@ -147,9 +158,9 @@ def _table(results: dict[str, dict], bits: float, nsamples: int, seqlen: int) ->
                                              if "threads" in r}))
         + " thread(s) per run; two runs shared the machine).",
         "",
-        "| variant | ppl | × fp32 | achieved bits | mean rel. err (in-sample / held-out) | "
-        "median damp | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | ppl | × fp32 | achieved bits | bits in memory / on disk | mean rel. err "
+        "(in-sample / held-out) | median damp | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if name == "fp32":
@@ -157,9 +168,11 @@ def _table(results: dict[str, dict], bits: float, nsamples: int, seqlen: int) ->
         rel = r.get("rel_err_mean")
         held = r.get("heldout_rel_err_mean")
         damp = r.get("damp_median")
+        mem, disk = r.get("bits_in_memory"), r.get("bits_on_disk")
+        size = "not measured" if mem is None else f"{mem:.3f} / {disk:.3f}"
         lines.append(
             f"| {VARIANTS[name][0]} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} | "
-            f"{r['achieved_bits']:.3f} | {'–' if rel is None else f'{rel:.4f}'} / "
+            f"{r['achieved_bits']:.3f} | {size} | {'–' if rel is None else f'{rel:.4f}'} / "
             f"{'–' if held is None else f'{held:.4f}'} | "
             f"{'–' if damp is None else f'{damp:.3g}'} | {r['seconds']:.0f} |"
         )
