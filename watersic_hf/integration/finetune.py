@@ -567,11 +567,12 @@ def finetune_scales(
         model.to(device)
     try:
         kl_before = _mean_kl(model, rows, teacher_rows, settings.chunk_tokens)
-        on_host = codes_belong_on_host(settings.codes_on_host, device, _code_bytes(layers),
+        code_bytes = _code_bytes(layers)
+        on_host = codes_belong_on_host(settings.codes_on_host, device, code_bytes,
                                        _free_memory(device))
         if on_host:
             logger.info("WaterSIC-FT: the int8 codes (%.2f GB) are kept in host memory and copied "
-                        "to %s one layer at a time", _code_bytes(layers) / 1e9, device)
+                        "to %s one layer at a time", code_bytes / 1e9, device)
         states = [_ScaleState(m, on_host) for m in layers]
         params = [p for s in states for p in (s.row, s.col)]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
