@@ -28,7 +28,6 @@ import pathlib
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -102,14 +101,9 @@ def run_one(variant: str, bits: float, nsamples: int, seqlen: int, out: pathlib.
         }
     seconds = time.perf_counter() - start
     if variant != "fp32":  # the same size measures as bench_rate_ppl_plot.py
-        from bench_rate_ppl_plot import memory_bits
+        from bench_rate_ppl_plot import size_bits
 
-        from watersic_hf.evaluation import disk_bits
-
-        extra["bits_in_memory"] = memory_bits(model)
-        with tempfile.TemporaryDirectory(prefix="bench-ablation-") as tmp:
-            model.save_pretrained(tmp)
-            extra["bits_on_disk"] = disk_bits(tmp, qc.layers)["bits_per_weight"]
+        extra["bits_in_memory"], extra["bits_on_disk"] = size_bits(model)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     ppl = perplexity(model, tok, sotu_eval_text(), seqlen=EVAL_SEQLEN, max_tokens=EVAL_TOKENS)
     _write_json(out, {"variant": variant, "bits": bits, "nsamples": nsamples, "seqlen": seqlen,

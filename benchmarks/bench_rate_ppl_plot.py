@@ -71,6 +71,17 @@ def memory_bits(model: Any) -> float:
     return sum(m.bits_in_memory * m.in_features * m.out_features for m in layers) / total
 
 
+def size_bits(model: Any) -> tuple[float, float]:
+    """``(bits per weight in memory, bits per weight on disk)`` of a quantized model; the disk
+    figure comes from saving it to a temporary folder."""
+    from watersic_hf.evaluation import disk_bits
+
+    with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
+        model.save_pretrained(tmp)
+        disk = disk_bits(tmp, model.config.quantization_config.layers)
+    return memory_bits(model), disk["bits_per_weight"]
+
+
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -138,7 +149,7 @@ def measure_point(
     from transformers import AutoModelForCausalLM
 
     from watersic_hf import WaterSICConfig
-    from watersic_hf.evaluation import disk_bits, kl_divergence, perplexity
+    from watersic_hf.evaluation import kl_divergence, perplexity
 
     base_method = "watersic" if method == "watersic_ft" else method
     kept = (keep_dir / f"w{bits:g}") if keep_dir is not None and base_method == "watersic" else None
@@ -178,17 +189,14 @@ def measure_point(
         extra["finetune"] = report.to_dict()
         seconds += report.seconds
     qc = model.config.quantization_config
-    with tempfile.TemporaryDirectory(prefix="bench-rate-ppl-") as tmp:
-        model.save_pretrained(tmp)
-        disk = disk_bits(tmp, qc.layers)
-    memory = memory_bits(model)
+    memory, disk = size_bits(model)
     ppl = perplexity(model, tokenizer, eval_text, **eval_kw)
     kl = kl_divergence(model, reference, tokenizer, eval_text, **eval_kw)
     point = {
         "method": method,
         "bits_target": bits,
         "achieved_bits": qc.achieved_bits,
-        "bits_on_disk": disk["bits_per_weight"],
+        "bits_on_disk": disk,
         "bits_in_memory": memory,
         "ppl": ppl["ppl"],
         "kl_bits": kl["kl_bits"],
